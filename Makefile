@@ -1,0 +1,35 @@
+# parti: make help lists the targets.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: help install test test-fast demo bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV_STAMP)  ## create .venv and install parti (editable) with its dev extras
+
+$(VENV_STAMP): setup.cfg pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(VENV_STAMP)
+
+test: install  ## the whole test suite (slow tests included)
+	$(PY) -m pytest -q
+
+test-fast: install  ## the test suite without the slow tests
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install  ## shapes shards -> text tokenizer -> stage 1 -> token shards -> stage 2 -> samples + metrics
+	bash scripts/demo.sh
+
+bench: install  ## benchmark tables (bench/)
+	$(PY) bench/run_all.py
+
+lint: install  ## ruff check
+	.venv/bin/ruff check .
+
+clean:  ## remove demo outputs (keeps .venv)
+	rm -rf outputs multirun data/demo

@@ -1,0 +1,226 @@
+"""Config schemas (dataclasses registered in Hydra's ConfigStore) and the value checks run at start.
+
+Hydra and OmegaConf reject unknown keys and wrong types while composing; `validate_*` below rejects
+impossible values with a message that names the key, before any work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from parti.losses import vqgan as vqgan_loss
+from parti.losses.vqgan import VQGANLossConfig
+from parti.models import parti as parti_model
+from parti.models import vitvqgan
+from parti.models.parti import PartiConfig
+from parti.models.vitvqgan import VitVQGANConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw", "adafactor")
+SCHEDULES = ("constant", "cosine", "parti")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read (one file per dataset in conf/data/)."""
+
+    name: str = MISSING
+    train_shards: str = MISSING           # image shards: brace pattern, list joined by '::', or pipe:
+    eval_shards: str = MISSING            # finite held-out image shards
+    token_train_shards: str = ""          # stage 2: shards of precomputed image tokens ('' = none)
+    token_eval_shards: str = ""
+    text_tokenizer: str = ""              # stage 2: SentencePiece model trained on the captions
+    encode_on_the_fly: bool = False       # stage 2: encode image shards with the frozen tokenizer
+    image_size: int = 64                  # images are resized and cropped to this square size
+    num_workers: int = 2                  # DataLoader workers per rank
+    shards_per_block: int = 4             # shards interleaved per resampling block (see pipeline)
+    shuffle_buffer: int = 1000            # raw samples in the shuffle buffer
+    eval_samples: int = 256               # held-out samples used by each evaluation
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule; `lr` comes from the top-level key."""
+
+    name: str = "adamw"
+    lr: float = MISSING                   # set to ${lr} in conf/optim/*.yaml
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0             # decoupled; matrices and embeddings only
+    schedule: str = "cosine"              # constant | cosine | parti
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.1           # lr at the last step / peak lr (cosine, parti)
+    decay_start: int = 0                  # parti schedule: exponential decay starts here
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, batch contract, precision, clipping, intervals, checkpoints."""
+
+    steps: int = 1000
+    global_batch: int = 32                # = micro_batch x accumulation x world size
+    micro_batch: int = 32
+    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_clip: float = 1.0                # max global grad norm (0 = off)
+    ema_decay: float = 0.0                # EMA of the weights (0 = off)
+    compile: bool = False                 # torch.compile the model
+    log_every: int = 10
+    eval_every: int = 500                 # evaluation on the held-out set (0 = only at the end)
+    image_every: int = 500                # image grids to TensorBoard (0 = off)
+    ckpt_every: int = 500                 # checkpoint interval in steps (0 = only at the end)
+    keep_last: int = 3                    # complete checkpoints kept
+    max_bad_steps: int = 20               # consecutive non-finite steps before the run stops
+    peak_flops: float = 0.0               # per-device peak FLOP/s for MFU (0 = known GPU or measured CPU)
+    progress: bool = True                 # console progress bar on rank 0
+    seed: int = 0
+
+
+@dataclass
+class TokenizerRef:
+    """The frozen stage-1 tokenizer used by stage 2: a checkpoint or export folder."""
+
+    ckpt: str = ""
+
+
+@dataclass
+class SampleDuringTraining:
+    """Prompts rendered into a TensorBoard grid during stage-2 training."""
+
+    prompts: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    top_k: int = 0
+    guidance: float = 1.0
+
+
+@dataclass
+class VQGANTrainConfig:
+    """train_vqgan.py: stage 1."""
+
+    lr: float = 1e-4
+    name: str = "vqgan"
+    out_dir: str = "outputs"
+    run_dir: str = ""                     # '' = a new folder under out_dir (multirun: Hydra's job folder)
+    resume: str = "auto"                  # auto (newest complete checkpoint in run_dir) | never | a path
+    model: VitVQGANConfig = field(default_factory=VitVQGANConfig)
+    loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class PartiTrainConfig:
+    """train_parti.py: stage 2."""
+
+    lr: float = 4.5e-4
+    name: str = "parti"
+    out_dir: str = "outputs"
+    run_dir: str = ""
+    resume: str = "auto"
+    model: PartiConfig = field(default_factory=PartiConfig)
+    tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
+    sample: SampleDuringTraining = field(default_factory=SampleDuringTraining)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Make the schemas available to the primary configs' defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_vqgan_schema", node=VQGANTrainConfig)
+    cs.store(name="train_parti_schema", node=PartiTrainConfig)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config error: {key}: {message}")
+
+
+def validate_optim(cfg: OptimConfig | Any) -> None:
+    """Optimizer and schedule values."""
+    _check(cfg.name in OPTIMIZERS, "optim.name", f"{cfg.name!r} is not one of {OPTIMIZERS}")
+    _check(cfg.lr > 0, "lr", f"{cfg.lr} must be > 0")
+    _check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "optim.betas",
+           f"{list(cfg.betas)} must be two values in [0, 1)")
+    _check(cfg.weight_decay >= 0, "optim.weight_decay", f"{cfg.weight_decay} must be >= 0")
+    _check(cfg.schedule in SCHEDULES, "optim.schedule", f"{cfg.schedule!r} is not one of {SCHEDULES}")
+    _check(cfg.warmup_steps >= 0, "optim.warmup_steps", f"{cfg.warmup_steps} must be >= 0")
+    _check(0 < cfg.final_lr_ratio <= 1, "optim.final_lr_ratio", f"{cfg.final_lr_ratio} must be in (0, 1]")
+    _check(cfg.decay_start >= 0, "optim.decay_start", f"{cfg.decay_start} must be >= 0")
+
+
+def validate_trainer(cfg: TrainerConfig | Any, world_size: int = 1) -> None:
+    """Loop values, including the global batch contract for this world size."""
+    _check(cfg.steps > 0, "trainer.steps", f"{cfg.steps} must be > 0")
+    _check(cfg.micro_batch > 0, "trainer.micro_batch", f"{cfg.micro_batch} must be > 0")
+    per_step = cfg.micro_batch * world_size
+    _check(cfg.global_batch > 0 and cfg.global_batch % per_step == 0, "trainer.global_batch",
+           f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch} "
+           f"x world_size {world_size}")
+    _check(cfg.precision in PRECISIONS, "trainer.precision",
+           f"{cfg.precision!r} is not one of {PRECISIONS}")
+    _check(cfg.grad_clip >= 0, "trainer.grad_clip", f"{cfg.grad_clip} must be >= 0")
+    _check(0 <= cfg.ema_decay < 1, "trainer.ema_decay", f"{cfg.ema_decay} must be in [0, 1)")
+    for key in ("log_every",):
+        _check(getattr(cfg, key) > 0, f"trainer.{key}", f"{getattr(cfg, key)} must be > 0")
+    for key in ("eval_every", "image_every", "ckpt_every", "peak_flops"):
+        _check(getattr(cfg, key) >= 0, f"trainer.{key}", f"{getattr(cfg, key)} must be >= 0")
+    _check(cfg.keep_last >= 1, "trainer.keep_last", f"{cfg.keep_last} must be >= 1")
+    _check(cfg.max_bad_steps >= 1, "trainer.max_bad_steps", f"{cfg.max_bad_steps} must be >= 1")
+
+
+def validate_data(cfg: DataConfig | Any, stage: int) -> None:
+    """Data values; stage 2 also needs a text tokenizer and token shards (or on-the-fly encoding)."""
+    _check(cfg.image_size >= 8, "data.image_size", f"{cfg.image_size} must be >= 8")
+    _check(cfg.num_workers >= 0, "data.num_workers", f"{cfg.num_workers} must be >= 0")
+    _check(cfg.shards_per_block >= 1, "data.shards_per_block", f"{cfg.shards_per_block} must be >= 1")
+    _check(cfg.shuffle_buffer >= 1, "data.shuffle_buffer", f"{cfg.shuffle_buffer} must be >= 1")
+    _check(cfg.eval_samples >= 1, "data.eval_samples", f"{cfg.eval_samples} must be >= 1")
+    if stage == 2:
+        _check(bool(cfg.text_tokenizer), "data.text_tokenizer",
+               "stage 2 needs a SentencePiece model: python -m parti.text.train --shards ... --out ...")
+        _check(cfg.encode_on_the_fly or bool(cfg.token_train_shards), "data.token_train_shards",
+               "is empty: make token shards with python -m parti.data.tokenize, or set "
+               "data.encode_on_the_fly=true")
+
+
+def _check_resume(resume: str) -> None:
+    _check(bool(resume), "resume", f"must be one of {RESUME_MODES} or a checkpoint path")
+
+
+def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> None:
+    """Every check for a stage-1 run."""
+    vitvqgan.validate(cfg.model)
+    vqgan_loss.validate(cfg.loss)
+    validate_data(cfg.data, stage=1)
+    validate_optim(cfg.optim)
+    validate_trainer(cfg.trainer, world_size)
+    _check(cfg.data.image_size == cfg.model.image_size, "data.image_size",
+           f"{cfg.data.image_size} differs from model.image_size {cfg.model.image_size}")
+    _check_resume(cfg.resume)
+
+
+def validate_parti(cfg: PartiTrainConfig | DictConfig, world_size: int = 1) -> None:
+    """Every check for a stage-2 run (the tokenizer-dependent ones happen when it is loaded)."""
+    parti_model.validate(cfg.model)
+    validate_data(cfg.data, stage=2)
+    validate_optim(cfg.optim)
+    validate_trainer(cfg.trainer, world_size)
+    _check(bool(cfg.tokenizer.ckpt), "tokenizer.ckpt",
+           "is empty: train a tokenizer with python train_vqgan.py and pass "
+           "tokenizer.ckpt=<run>/export (or a checkpoint folder)")
+    _check(cfg.sample.temperature > 0, "sample.temperature", f"{cfg.sample.temperature} must be > 0")
+    _check(cfg.sample.top_k >= 0, "sample.top_k", f"{cfg.sample.top_k} must be >= 0")
+    _check(cfg.sample.guidance >= 0, "sample.guidance", f"{cfg.sample.guidance} must be >= 0")
+    _check_resume(cfg.resume)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain python types (what checkpoints and TensorBoard store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction metrics, generation metrics, the shapes judge."""

@@ -1,0 +1,1 @@
+"""Model code: shared Transformer layers, ViT-VQGAN, quantizer, discriminator, Parti."""

@@ -1,0 +1,199 @@
+"""Transformer building blocks shared by every model: attention with a KV cache, MLP, blocks, positions.
+
+There is one attention module in the project. It does self- and cross-attention through
+`F.scaled_dot_product_attention` and, given a `KVCache`, incremental decoding: self-attention keys and
+values grow one step at a time in a preallocated buffer; cross-attention keys and values are computed
+from the context once and reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer, (B, H, S, Dh) each; `length` positions are filled."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    length: int = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (e.g. to drop finished or duplicated samples)."""
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+
+@dataclass
+class BlockCache:
+    """The caches of one Transformer block: its self-attention and (optional) cross-attention."""
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    cross_attn: KVCache = field(default_factory=KVCache)
+
+
+def _merge_masks(
+    key_mask: Tensor | None, causal_offset: int | None, q_len: int, k_len: int, device: torch.device
+) -> Tensor | None:
+    """Boolean attention mask (B or 1, 1, Q, K), True = attend, from a key padding mask and/or causality.
+
+    `causal_offset` is the absolute position of the first query: query i may see keys j <= offset + i.
+    """
+    mask = None
+    if causal_offset is not None:
+        q_pos = torch.arange(q_len, device=device)[:, None] + causal_offset
+        mask = (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, Q, K)
+    if key_mask is not None:
+        pad = key_mask[:, None, None, :].bool()  # (B, 1, 1, K)
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention when `context` is None, cross-attention otherwise."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        return rearrange(t, "b t (h d) -> b h t d", h=self.heads)
+
+    def _keys_values(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.to_kv(src).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, D) queries; context: (B, S, Dc) or None; key_mask: (B, S or T), True = real token.
+
+        With a cache, self-attention appends this call's T keys/values after the cached ones (the
+        buffer must have been allocated by `allocate_self_cache`); cross-attention computes the
+        context's keys/values on the first call and reuses them afterwards.
+        """
+        q = self._heads(self.to_q(x))  # (B, H, T, Dh)
+        offset = None
+        if context is not None:
+            if cache is not None and cache.length > 0:
+                k, v = cache.k, cache.v
+            else:
+                k, v = self._keys_values(context)
+                if cache is not None:
+                    cache.k, cache.v, cache.length = k, v, k.shape[2]
+        elif cache is not None:
+            k_new, v_new = self._keys_values(x)
+            start, end = cache.length, cache.length + x.shape[1]
+            if end > cache.k.shape[2]:
+                raise ValueError(f"KV cache holds {cache.k.shape[2]} positions, step needs {end}")
+            cache.k[:, :, start:end] = k_new
+            cache.v[:, :, start:end] = v_new
+            cache.length = end
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
+            offset = start if causal else None
+        else:
+            k, v = self._keys_values(x)
+            offset = 0 if causal else None
+        dropout = self.dropout if self.training else 0.0
+        if offset == 0 and key_mask is None and q.shape[2] == k.shape[2]:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            mask = _merge_masks(key_mask, offset, q.shape[2], k.shape[2], q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+
+    def allocate_self_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:
+        """An empty self-attention cache for `max_len` positions, dtype/device of `like`."""
+        head_dim = self.proj.in_features // self.heads
+        shape = (batch, self.heads, max_len, head_dim)
+        buf = dict(dtype=like.dtype, device=like.device)
+        return KVCache(torch.zeros(shape, **buf), torch.zeros(shape, **buf), 0)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear -> GELU -> dropout -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, optional cross-attention to a context, MLP; residual dropout."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+        causal: bool = False,
+    ):
+        super().__init__()
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
+        self.cross_attn = Attention(dim, heads, dropout) if cross_attention else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_dim, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: BlockCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, D); mask: (B, T) key padding of x; context: (B, S, D) with context_mask (B, S)."""
+        self_cache = cache.self_attn if cache is not None else None
+        x = x + self.drop(self.attn(self.norm1(x), key_mask=mask, causal=self.causal, cache=self_cache))
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this block cross-attends: pass a context")
+            cross_cache = cache.cross_attn if cache is not None else None
+            h = self.cross_attn(self.cross_norm(x), context, key_mask=context_mask, cache=cross_cache)
+            x = x + self.drop(h)
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+    def new_cache(self, batch: int, max_len: int, like: Tensor) -> BlockCache:
+        """An empty cache for decoding up to `max_len` positions of this block."""
+        return BlockCache(self_attn=self.attn.allocate_self_cache(batch, max_len, like))
+
+
+class Position2d(nn.Module):
+    """Learned factorised 2D positional embedding: row(y) + column(x), for an (h, w) grid."""
+
+    def __init__(self, height: int, width: int, dim: int, init_std: float = 0.02):
+        super().__init__()
+        self.rows = nn.Parameter(torch.randn(height, 1, dim) * init_std)
+        self.cols = nn.Parameter(torch.randn(1, width, dim) * init_std)
+
+    def forward(self) -> Tensor:
+        """All positions in raster order: (h * w, D)."""
+        return rearrange(self.rows + self.cols, "h w d -> (h w) d")

@@ -1,0 +1,1 @@
+"""SentencePiece text tokenizer: train, encode, pad, decode."""

@@ -1,0 +1,1 @@
+"""The training infrastructure shared by both stages."""

@@ -1,0 +1,161 @@
+"""Checkpoints that survive a kill at any moment, and exported inference weights.
+
+Layout: `<run>/checkpoints/step-0001000/{state.pt, rank-000.pt, ..., COMPLETE}`. A checkpoint is
+written under a hidden temporary name, marked COMPLETE last, then renamed: a folder named
+`step-*` with the marker is always whole. Loading never unpickles objects (`weights_only=True`).
+Exports are `model.safetensors` + `config.yaml` (the config needed to rebuild the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from parti.training import distributed
+from parti.training.distributed import Dist
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, CUDA, numpy, python) as weights_only-loadable values."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_file_safely(path: Path) -> dict:
+    """torch.load with weights_only=True and an error that names the broken file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file missing: {path}") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise RuntimeError(f"checkpoint file {path} is damaged or not a parti checkpoint: {err}") from err
+
+
+class Checkpointer:
+    """Saves step folders, keeps the newest `keep_last`, finds the newest complete one."""
+
+    def __init__(self, run_dir: Path, keep_last: int, dist: Dist):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.dist = dist
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step:07d}"
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir()
+                 if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, shared: dict, per_rank: dict) -> Path:
+        """Write `shared` (rank 0) and every rank's `per_rank` state for `step`; collective."""
+        final = self.path(step)
+        if final.is_dir() and (final / MARKER).is_file():
+            return final
+        tmp = self.root / f".tmp-{final.name}"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        torch.save(per_rank, tmp / f"rank-{self.dist.rank:03d}.pt")
+        if self.dist.is_main:
+            torch.save(shared, tmp / "state.pt")
+        distributed.barrier()
+        if self.dist.is_main:
+            marker = {"step": step, "world_size": self.dist.world_size}
+            with open(tmp / MARKER, "w") as f:
+                json.dump(marker, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            self._prune()
+        distributed.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path) -> tuple[dict, dict]:
+        """(shared state, this rank's state) of a complete checkpoint folder."""
+        path = Path(path)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        saved_world = json.loads((path / MARKER).read_text())["world_size"]
+        if saved_world != self.dist.world_size:
+            raise RuntimeError(
+                f"{path} was written by {saved_world} ranks, this run has {self.dist.world_size}: "
+                "resume with the same number of processes (the data position and RNG are per rank)")
+        shared = load_file_safely(path / "state.pt")
+        per_rank = load_file_safely(path / f"rank-{self.dist.rank:03d}.pt")
+        return shared, per_rank
+
+
+def export_weights(out_dir: Path, state_dict: dict, config: dict) -> Path:
+    """Write inference weights (safetensors) and the model config, atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_export(path: Path) -> tuple[dict, dict]:
+    """(state_dict, config) from an export folder, or from a checkpoint folder of the same run."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+        return load_file(str(path / "model.safetensors")), config
+    if (path / MARKER).is_file():
+        shared = load_file_safely(path / "state.pt")
+        weights = shared["ema"] if "ema" in shared else shared["units"]["model"]["model"]
+        return weights, shared["export_config"]
+    raise FileNotFoundError(
+        f"{path} is neither an export folder (model.safetensors + config.yaml) nor a complete "
+        "checkpoint folder (step-N with a COMPLETE marker)")

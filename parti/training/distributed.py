@@ -1,0 +1,86 @@
+"""Process-group setup from torchrun's environment, and the few collectives the trainer needs.
+
+Plain `python` runs as a world of one; under torchrun every process drives one device (gloo on CPU,
+nccl on CUDA). Multi-node runs use torchrun's c10d rendezvous: nothing changes here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: its rank, the world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes in the environment (or run alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    """Leave the process group (if any)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (a copy; the input is unchanged)."""
+    out = values.clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def reduce_scalars(scalars: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Mean over ranks of each scalar, in one collective (all ranks pass the same keys)."""
+    if not scalars:
+        return {}
+    keys = sorted(scalars)
+    values = torch.tensor([float(scalars[k]) for k in keys], dtype=torch.float64, device=device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    values = all_reduce_sum(values) / world
+    return dict(zip(keys, values.tolist()))

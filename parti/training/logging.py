@@ -1,0 +1,71 @@
+"""Rank-0 logging: TensorBoard scalars, image grids and text, a log file, a console progress bar.
+
+Other ranks get a logger that does nothing, so no call site needs an `if rank == 0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+log = logging.getLogger("parti")
+
+
+class RunLogger:
+    """Writes to `<run>/tb` (TensorBoard) and `<run>/train.log` when `enabled` (rank 0)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
+                 progress: bool):
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb")) if enabled else None
+        self.bar = None
+        if enabled:
+            handler = logging.FileHandler(Path(run_dir) / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            self._handler = handler
+            if progress:
+                self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                                file=sys.stderr, mininterval=1.0)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.write(message)
+            log.info(message)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def images(self, tag: str, images: torch.Tensor, step: int, nrow: int = 8) -> None:
+        """images: (N, 3, H, W) in [-1, 1]."""
+        if self.writer is not None:
+            grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow,
+                             normalize=True, value_range=(-1, 1))
+            self.writer.add_image(tag, grid, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def progress(self, step: int, postfix: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            log.removeHandler(self._handler)
+            self._handler.close()

@@ -1,0 +1,184 @@
+"""Stage 2 on the shared trainer: the Parti encoder-decoder on (caption, image tokens) pairs.
+
+Image tokens come from token shards (precomputed by `python -m parti.data.tokenize`) or, with
+`data.encode_on_the_fly=true`, from image shards encoded by the frozen tokenizer. Captions are
+replaced by the empty caption with probability `model.text_dropout` (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from parti.config import to_container
+from parti.data.pipeline import build_eval_loader, build_train_loader, expand_urls
+from parti.data.transforms import ImageDecoder, TokenDecoder
+from parti.models.loading import load_image_tokenizer
+from parti.models.parti import Parti
+from parti.sampling import generate_images
+from parti.text.tokenizer import TextTokenizer
+from parti.training import distributed
+from parti.training.logging import RunLogger
+from parti.training.trainer import OptimizerUnit, Run, Task
+
+EVAL_CONDITIONS = ("true", "shuffled", "empty")
+
+
+def check_compatible(model_cfg, text_tokenizer: TextTokenizer, image_tokenizer) -> None:
+    """The model's vocabularies and grid must match the two tokenizers it is trained with."""
+    if text_tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the text "
+                         f"tokenizer's vocabulary {text_tokenizer.vocab_size}")
+    codebook = image_tokenizer.quantizer.codebook_size
+    if codebook != model_cfg.codebook_size:
+        raise ValueError(f"model.codebook_size {model_cfg.codebook_size} differs from the image "
+                         f"tokenizer's codebook {codebook}")
+    if image_tokenizer.grid != model_cfg.image_grid:
+        raise ValueError(f"model.image_grid {model_cfg.image_grid} differs from the image "
+                         f"tokenizer's grid {image_tokenizer.grid}")
+
+
+class PartiTask(Task):
+    """Cross-entropy on image tokens given the caption; text dropout for guidance."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        cfg = run.cfg
+        self.model_cfg = OmegaConf.to_object(cfg.model)
+        self.text_tokenizer = TextTokenizer(cfg.data.text_tokenizer)
+        self.image_tokenizer = load_image_tokenizer(cfg.tokenizer.ckpt, run.device)
+        check_compatible(self.model_cfg, self.text_tokenizer, self.image_tokenizer)
+        self.units = {"model": OptimizerUnit(Parti(self.model_cfg), run)}
+
+    @property
+    def model(self) -> Parti:
+        return self.units["model"].module
+
+    def _decoder(self, train: bool):
+        if self.run.cfg.data.encode_on_the_fly:
+            return ImageDecoder(self.run.cfg.data.image_size, train=train)
+        return TokenDecoder()
+
+    def _shards(self, train: bool) -> list[str]:
+        data = self.run.cfg.data
+        if data.encode_on_the_fly:
+            return expand_urls(data.train_shards if train else data.eval_shards)
+        return expand_urls(data.token_train_shards if train else data.token_eval_shards)
+
+    def train_loader(self, state: dict | None):
+        cfg, dist = self.run.cfg, self.run.dist
+        return build_train_loader(
+            self._shards(train=True), self._decoder(train=True),
+            batch_size=cfg.trainer.micro_batch, seed=cfg.trainer.seed, rank=dist.rank,
+            world_size=dist.world_size, num_workers=cfg.data.num_workers,
+            shards_per_block=cfg.data.shards_per_block, shuffle_buffer=cfg.data.shuffle_buffer,
+            state=state)
+
+    def _tokens(self, batch: dict) -> Tensor:
+        """Image tokens (B, N) of a batch: read from the shard or encoded now."""
+        if "tokens" in batch:
+            tokens = batch["tokens"].to(self.run.device)
+        else:
+            with torch.no_grad(), self.run.autocast():
+                tokens = self.image_tokenizer.encode(batch["image"].to(self.run.device))
+        return tokens.flatten(1).long()
+
+    def _text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.text_tokenizer.encode(captions, self.model_cfg.text_len)
+        return ids.to(self.run.device), mask.to(self.run.device)
+
+    def _drop_captions(self, captions: list[str]) -> list[str]:
+        """Each caption becomes '' with probability text_dropout (torch RNG: resumable)."""
+        drop = torch.rand(len(captions)) < self.model_cfg.text_dropout
+        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+    @staticmethod
+    def _losses(logits: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+        logits = logits.float()  # fp32 logits and loss, as in Parti
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+        accuracy = (logits.argmax(-1) == tokens).float().mean()
+        return {"total": loss, "accuracy": accuracy}
+
+    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+        prepared = [(self._text(self._drop_captions(mb["caption"])), self._tokens(mb))
+                    for mb in micro_batches]
+
+        def loss_fn(model: nn.Module, batch, index: int) -> dict:
+            (ids, mask), tokens = batch
+            return self._losses(model(ids, mask, tokens), tokens)
+
+        scalars = self.units["model"].step(prepared, loss_fn)
+        loss = scalars.pop("total")
+        out = {f"train/{k}": v for k, v in scalars.items() if k != "skipped"}
+        out.update({"train/loss": loss, "train/perplexity": float(torch.tensor(loss).exp()),
+                    "skipped": scalars["skipped"]})
+        return out
+
+    def _eval_batches(self):
+        cfg, dist = self.run.cfg, self.run.dist
+        loader = build_eval_loader(self._shards(train=False), self._decoder(train=False),
+                                   batch_size=cfg.trainer.micro_batch, rank=dist.rank,
+                                   world_size=dist.world_size, num_workers=0)
+        seen, limit = 0, max(1, cfg.data.eval_samples // dist.world_size)
+        for batch in loader:
+            if seen >= limit:
+                break
+            batch = {k: v[: limit - seen] for k, v in batch.items()}
+            seen += len(batch["caption"])
+            yield batch
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Teacher-forced loss with the true caption, a shuffled caption and the empty caption.
+
+        The gap between them measures how much the text conditions the model.
+        """
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(2 * len(EVAL_CONDITIONS) + 1, dtype=torch.float64)
+        for batch in self._eval_batches():
+            tokens, captions = self._tokens(batch), list(batch["caption"])
+            variants = {"true": captions, "shuffled": captions[1:] + captions[:1],
+                        "empty": [""] * len(captions)}
+            for i, name in enumerate(EVAL_CONDITIONS):
+                ids, mask = self._text(variants[name])
+                with self.run.autocast():
+                    losses = self._losses(model(ids, mask, tokens), tokens)
+                sums[2 * i] += float(losses["total"]) * len(tokens)
+                sums[2 * i + 1] += float(losses["accuracy"]) * len(tokens)
+            sums[-1] += len(tokens)
+        model.train(was_training)
+        sums = distributed.all_reduce_sum(sums.to(self.run.device)).cpu()
+        n = max(float(sums[-1]), 1.0)
+        metrics = {}
+        for i, name in enumerate(EVAL_CONDITIONS):
+            metrics[f"eval/loss_{name}_caption"] = float(sums[2 * i]) / n
+            metrics[f"eval/accuracy_{name}_caption"] = float(sums[2 * i + 1]) / n
+        metrics["eval/perplexity"] = float(torch.tensor(metrics["eval/loss_true_caption"]).exp())
+        return metrics
+
+    def log_images(self, model: nn.Module, logger: RunLogger, step: int) -> None:
+        prompts = list(self.run.cfg.sample.prompts)
+        if not prompts:
+            return
+        s = self.run.cfg.sample
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator(self.run.device).manual_seed(step)
+        with self.run.autocast():
+            images = generate_images(model, self.text_tokenizer, self.image_tokenizer, prompts,
+                                     s.guidance, s.temperature, s.top_k, generator)
+        model.train(was_training)
+        logger.images("samples/prompts", images, step, nrow=len(prompts))
+        logger.text("samples/prompts", "\n".join(f"{i}. {p}" for i, p in enumerate(prompts)), step)
+
+    def export_config(self) -> dict:
+        return {"kind": "parti", "model": to_container(self.run.cfg.model),
+                "text_tokenizer": self.run.cfg.data.text_tokenizer,
+                "image_tokenizer": self.run.cfg.tokenizer.ckpt}
+
+    def samples_per_batch_flops(self) -> tuple[int, float]:
+        tokens = self.model.num_image_tokens
+        return tokens, self.model.flops_per_token() * tokens

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny shapes data set (shards + text tokenizer) and Hydra composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from parti.config import register_configs
+from parti.data.write import shapes_source, write_shards
+from parti.text.train import train_tokenizer
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+TINY_DATA_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """4 train shards x 64 and 1 eval shard x 32 shapes images at 32 px, plus a text tokenizer."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_shards(shapes_source(256, seed=0, size=TINY_DATA_SIZE), root, per_shard=64, prefix="train")
+    write_shards(shapes_source(32, seed=1, size=TINY_DATA_SIZE), root, per_shard=64, prefix="eval")
+    from parti.data.shapes import generate
+
+    captions = [c for _, _, c, _ in generate(2000, seed=0, size=16)]
+    train_tokenizer(captions, str(root / "text"), vocab_size=128)
+    return root
+
+
+def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """The config `python {name}.py <overrides>` would run with (without Hydra's own section)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides or [])
+
+
+def tiny_vqgan_overrides(shapes_dir: Path, run_dir: Path, steps: int = 6) -> list[str]:
+    """A seconds-long stage-1 run on the tiny shapes data (GAN on from step 2)."""
+    return [
+        f"data.train_shards='{shapes_dir}/train-{{00000..00003}}.tar'",
+        f"data.eval_shards={shapes_dir}/eval-00000.tar",
+        f"data.image_size={TINY_DATA_SIZE}", f"model.image_size={TINY_DATA_SIZE}",
+        "data.num_workers=0", "data.eval_samples=16", "data.shuffle_buffer=32",
+        "model.enc_dim=32", "model.enc_layers=1", "model.enc_heads=2", "model.enc_mlp_dim=64",
+        "model.dec_dim=32", "model.dec_layers=1", "model.dec_heads=2", "model.dec_mlp_dim=64",
+        "model.codebook_size=64", "model.code_dim=8", "model.restart_every=3",
+        "model.usage_window=3", "model.disc.channels=4", "model.disc.max_channels=8",
+        "loss.disc_start=2", "optim.warmup_steps=0", "lr=1e-3",
+        f"trainer.steps={steps}", "trainer.micro_batch=8", "trainer.global_batch=8",
+        "trainer.log_every=2", "trainer.eval_every=0", "trainer.image_every=0",
+        "trainer.ckpt_every=0", "trainer.progress=false", f"run_dir={run_dir}",
+    ]

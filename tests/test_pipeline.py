@@ -1,0 +1,343 @@
+"""Shard pipeline: skipping and counting bad input, splitting, determinism, exact resume, eval."""
+
+import io
+import itertools
+import json
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parti.data.pipeline import (
+    SkipSample,
+    build_eval_loader,
+    build_train_loader,
+    expand_urls,
+)
+from parti.data.transforms import ImageDecoder, to_tensor, to_uint8
+
+DECODE = ImageDecoder(8, train=True)
+
+
+def noise_image(seed: int, fmt: str = "PNG", size=(12, 10)) -> bytes:
+    """A small random image: crops at different offsets differ."""
+    array = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def good(key: str, seed: int) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", noise_image(seed)), (f"{key}.txt", f"caption {key}".encode())]
+
+
+def good_shards(tmp_path, n_shards: int, per_shard: int, name: str = "s") -> list[str]:
+    """Shards of good samples; keys say where they came from: s{shard}_{index}."""
+    return [
+        write_tar(
+            tmp_path / f"{name}-{s:03d}.tar",
+            [m for i in range(per_shard) for m in good(f"{name}{s}_{i}", 1000 * s + i)],
+        )
+        for s in range(n_shards)
+    ]
+
+
+def truncated_shard(path, cut_in: str = "t2.png") -> tuple[str, list[str]]:
+    """A 4-sample tar cut inside member `cut_in`; returns it and its readable keys.
+
+    Cut inside t2: t0 comes out; t1 is lost too, as its group is only known to be complete
+    when the next key starts.
+    """
+    write_tar(path, [m for i in range(4) for m in good(f"t{i}", 500 + i)])
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(cut_in).offset_data + 10
+    path.write_bytes(path.read_bytes()[:cut])
+    return str(path), ["t0"]
+
+
+def bad_samples_shard(path) -> tuple[str, list[str]]:
+    """Good samples between a truncated jpg, garbage png, a caption-less and an image-less one."""
+    jpg = noise_image(7, "JPEG", (64, 64))
+    members = [
+        *good("g0", 1),
+        ("b_trunc.jpg", jpg[: len(jpg) // 2]),
+        ("b_trunc.txt", b"truncated jpeg"),
+        *good("g1", 2),
+        ("b_garbage.png", b"\x89PNG but not really an image"),
+        ("b_garbage.txt", b"garbage png"),
+        ("b_nocap.png", noise_image(3)),
+        *good("g2", 4),
+        ("b_noimg.txt", b"caption without an image"),
+        ("b_noimg.json", b"{}"),
+    ]
+    return write_tar(path, members), ["g0", "g1", "g2"]
+
+
+BAD_REASONS = {"corrupt_image": 2, "missing_caption": 1, "missing_image": 1}
+
+
+def keys_of(batches) -> list[str]:
+    return [key for batch in batches for key in batch["key"]]
+
+
+def test_expand_urls():
+    assert expand_urls("a/{0..2}.tar") == ["a/0.tar", "a/1.tar", "a/2.tar"]
+    assert expand_urls("a/{0..1}.tar :: b.tar") == ["a/0.tar", "a/1.tar", "b.tar"]
+    assert expand_urls(["x{1,2}.tar", "pipe:cat y.tar"]) == ["x1.tar", "x2.tar", "pipe:cat y.tar"]
+    with pytest.raises(ValueError, match="no shards"):
+        expand_urls(" :: ")
+    with pytest.raises(TypeError, match="must be strings"):
+        expand_urls(["a.tar", 3])
+
+
+def test_eval_skips_bad_input_with_exact_counts(tmp_path):
+    bad, bad_keys = bad_samples_shard(tmp_path / "bad.tar")
+    trunc, trunc_keys = truncated_shard(tmp_path / "trunc.tar")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file" * 40)
+    loader = build_eval_loader([bad, trunc, str(garbage)], DECODE, batch_size=2)
+    assert sorted(keys_of(loader)) == sorted(bad_keys + trunc_keys)
+    assert loader.skipped == {**BAD_REASONS, "bad_shard": 2}
+
+
+def test_train_skips_bad_input_with_exact_counts(tmp_path):
+    bad, bad_keys = bad_samples_shard(tmp_path / "bad.tar")
+    loader = build_train_loader(
+        bad, DECODE, batch_size=3, seed=0, shards_per_block=1, shuffle_buffer=1
+    )
+    batches = list(itertools.islice(loader, 2))
+    # One shard, no shuffle: each block is the shard in order, the batch ends at its last good one.
+    assert keys_of(batches) == bad_keys * 2
+    # The image-less sample after g2 of the second block is not read yet.
+    assert loader.skipped == {"corrupt_image": 4, "missing_caption": 2, "missing_image": 1}
+    assert batches[0]["image"].shape == (3, 3, 8, 8)
+    assert batches[0]["caption"] == ["caption g0", "caption g1", "caption g2"]
+
+
+def test_train_counts_bad_shards_and_keeps_going(tmp_path):
+    shards = good_shards(tmp_path, 2, 3)
+    trunc, _ = truncated_shard(tmp_path / "trunc.tar")
+    loader = build_train_loader([*shards, trunc], DECODE, batch_size=4, seed=1)
+    batches = list(itertools.islice(loader, 10))
+    assert all(key.startswith(("s", "t0")) for key in keys_of(batches))
+    assert set(loader.skipped) == {"bad_shard"} and loader.skipped["bad_shard"] > 0
+
+
+def test_all_bad_shards_raise_instead_of_hanging(tmp_path):
+    trunc, _ = truncated_shard(tmp_path / "trunc.tar", cut_in="t0.png")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"\0garbage" * 100)
+    empty = write_tar(tmp_path / "empty.tar", [])
+    loader = build_train_loader([trunc, str(garbage), empty], DECODE, batch_size=2, seed=0)
+    with pytest.raises(RuntimeError, match="no valid samples in shards .*garbage.tar"):
+        next(iter(loader))
+
+
+def test_too_many_consecutive_skips_raise(tmp_path):
+    shard = write_tar(
+        tmp_path / "corrupt.tar",
+        [m for i in range(5) for m in [(f"c{i}.png", b"not a png"), (f"c{i}.txt", b"x")]],
+    )
+    loader = build_train_loader(shard, DECODE, batch_size=2, seed=0, max_consecutive_skips=12)
+    with pytest.raises(RuntimeError, match=r"no valid samples in shards .*corrupt.tar.*12 samples"):
+        next(iter(loader))
+
+
+def test_decode_skip_reason_is_counted(tmp_path):
+    shards = good_shards(tmp_path, 1, 4)
+
+    def picky(raw, rng):
+        if raw["__key__"].endswith("_0"):
+            raise SkipSample("too_boring")
+        return DECODE(raw, rng)
+
+    loader = build_eval_loader(shards, picky, batch_size=8)
+    assert len(keys_of(loader)) == 3 and loader.skipped == {"too_boring": 1}
+
+
+def test_too_few_shards_is_a_value_error_with_numbers(tmp_path):
+    shards = good_shards(tmp_path, 3, 1)
+    with pytest.raises(ValueError, match=r"3 shards < 2 ranks x 2 workers = 4 readers"):
+        build_train_loader(shards, DECODE, batch_size=1, seed=0, world_size=2, num_workers=2)
+
+
+def test_missing_shard_files_are_named(tmp_path):
+    shards = good_shards(tmp_path, 1, 1)
+    with pytest.raises(FileNotFoundError, match="1 of 2 shards do not exist: .*nope.tar"):
+        build_train_loader([*shards, str(tmp_path / "nope.tar")], DECODE, batch_size=1, seed=0)
+
+
+def test_train_split_is_disjoint_and_covers_all_shards(tmp_path):
+    shards = good_shards(tmp_path, 8, 2)
+    world, workers = 2, 2
+    seen: dict[tuple[int, int], set[int]] = {}
+    for rank in range(world):
+        loader = build_train_loader(
+            shards, DECODE, batch_size=2, seed=0, rank=rank, world_size=world, num_workers=workers
+        )
+        for i, batch in enumerate(itertools.islice(loader, 24)):
+            shard_ids = {int(key[1:].split("_")[0]) for key in batch["key"]}
+            seen.setdefault((rank, i % workers), set()).update(shard_ids)
+    for (rank, worker), ids in seen.items():
+        g = rank * workers + worker
+        assert ids <= set(range(8)[g :: world * workers])
+    assert sorted(i for ids in seen.values() for i in ids) == list(range(8))
+
+
+def test_order_is_deterministic_and_depends_on_seed_and_rank(tmp_path):
+    shards = good_shards(tmp_path, 4, 6)
+
+    def first(seed, rank=0, world=1):
+        loader = build_train_loader(
+            shards, DECODE, batch_size=4, seed=seed, rank=rank, world_size=world, shuffle_buffer=8
+        )
+        return list(itertools.islice(loader, 5))
+
+    a, b = first(seed=0), first(seed=0)
+    assert keys_of(a) == keys_of(b)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert keys_of(first(seed=1)) != keys_of(a)
+    rank0, rank1 = keys_of(first(0, 0, 2)), keys_of(first(0, 1, 2))
+    assert not set(rank0) & set(rank1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_exact(tmp_path, num_workers):
+    shards = good_shards(tmp_path, 6, 7)
+    bad, _ = bad_samples_shard(tmp_path / "bad.tar")
+    trunc, _ = truncated_shard(tmp_path / "trunc.tar")
+    urls = [*shards, bad, trunc]
+    settings = dict(
+        batch_size=3, seed=5, num_workers=num_workers, shards_per_block=2, shuffle_buffer=5
+    )
+    k, more = 7, 9
+
+    uninterrupted = build_train_loader(urls, DECODE, **settings)
+    reference = list(itertools.islice(uninterrupted, k + more))
+
+    first = build_train_loader(urls, DECODE, **settings)
+    consumed = list(itertools.islice(first, k))
+    state = json.loads(json.dumps(first.state_dict()))  # plain python types only
+    resumed = build_train_loader(urls, DECODE, **settings, state=state)
+    assert resumed.skipped == first.skipped
+    continued = list(itertools.islice(resumed, more))
+
+    for got, want in zip(consumed + continued, reference, strict=True):
+        assert got["key"] == want["key"]
+        assert torch.equal(got["image"], want["image"])
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    assert sum(uninterrupted.skipped.values()) > 0
+
+
+def test_resume_at_every_position_counts_each_skip_once(tmp_path):
+    shards = good_shards(tmp_path, 2, 5)
+    bad, _ = bad_samples_shard(tmp_path / "bad.tar")
+    trunc, _ = truncated_shard(tmp_path / "trunc.tar")
+    urls = [*shards, bad, trunc]
+    settings = dict(batch_size=2, seed=11, shards_per_block=4, shuffle_buffer=3)
+    reference = build_train_loader(urls, DECODE, **settings)
+    states = []
+    for batch in itertools.islice(reference, 16):
+        states.append((batch["key"], reference.state_dict()))
+    mid_block_after_bad_shard = 0
+    for k in range(1, 15):
+        resumed = build_train_loader(urls, DECODE, **settings, state=states[k - 1][1])
+        for keys, state in states[k : k + 2]:
+            assert next(iter(resumed))["key"] == keys
+            assert resumed.state_dict() == state
+        worker = states[k - 1][1]["workers"][0]
+        mid_block_after_bad_shard += worker["offset"] > 0 and worker["skipped"].get("bad_shard", 0)
+    assert mid_block_after_bad_shard > 0
+
+
+def test_new_iter_continues_where_the_last_stopped(tmp_path):
+    shards = good_shards(tmp_path, 2, 5)
+    settings = dict(batch_size=2, seed=3, shards_per_block=2, shuffle_buffer=3)
+    reference = keys_of(itertools.islice(build_train_loader(shards, DECODE, **settings), 8))
+    loader = build_train_loader(shards, DECODE, **settings)
+    assert keys_of(itertools.islice(loader, 3)) + keys_of(itertools.islice(loader, 5)) == reference
+
+
+def test_state_from_other_settings_is_refused(tmp_path):
+    shards = good_shards(tmp_path, 2, 2)
+    loader = build_train_loader(shards, DECODE, batch_size=2, seed=0)
+    next(iter(loader))
+    with pytest.raises(ValueError, match="readers_per_rank: saved 1 now 2"):
+        build_train_loader(
+            shards, DECODE, batch_size=2, seed=0, num_workers=2, state=loader.state_dict()
+        )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_reads_each_sample_once_across_ranks(tmp_path, num_workers):
+    shards = good_shards(tmp_path, 5, 3)
+    shards.append(f"pipe:cat {good_shards(tmp_path, 1, 2, name='p')[0]}")
+    all_keys = [f"s{s}_{i}" for s in range(5) for i in range(3)] + ["p0_0", "p0_1"]
+    keys = []
+    for rank in range(2):
+        loader = build_eval_loader(
+            shards, DECODE, batch_size=2, rank=rank, world_size=2, num_workers=num_workers
+        )
+        passes = [keys_of(loader), keys_of(loader)]
+        assert passes[0] == passes[1]
+        keys += passes[0]
+    assert sorted(keys) == sorted(all_keys)
+
+
+def test_eval_reader_without_shards_yields_nothing(tmp_path):
+    shards = good_shards(tmp_path, 1, 3)
+    assert keys_of(build_eval_loader(shards, DECODE, batch_size=2, rank=1, world_size=2)) == []
+    batches = list(build_eval_loader(shards, DECODE, batch_size=2))
+    assert [len(b["key"]) for b in batches] == [2, 1]
+
+
+def test_image_decoder_resize_and_crops():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (10, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    raw = {"__key__": "k", "png": buffer.getvalue(), "txt": b" a caption \n"}
+    centre = ImageDecoder(10, train=False)(raw, rng)
+    assert centre["caption"] == "a caption" and centre["key"] == "k"
+    assert torch.equal(to_uint8(centre["image"]), torch.from_numpy(array[:, 3:13]))
+    crops = {
+        tuple(ImageDecoder(10, train=True)(raw, rng)["image"][0, 0, :2].tolist()) for _ in range(20)
+    }
+    assert len(crops) > 1
+    small = ImageDecoder(5, train=False)(raw, rng)["image"]
+    assert small.shape == (3, 5, 5) and small.min() >= -1 and small.max() <= 1
+    assert torch.equal(to_uint8(to_tensor(array)), torch.from_numpy(array))
+
+
+def test_image_decoder_applies_exif_rotation_and_palette_transparency():
+    array = np.zeros((10, 16, 3), np.uint8)
+    array[:, 8:] = 255  # left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", exif=exif)
+    raw = {"__key__": "r", "jpg": buffer.getvalue(), "txt": b"rotated"}
+    image = to_uint8(ImageDecoder(10, train=False)(raw, np.random.default_rng(0))["image"])
+    assert image[:4].float().mean() < 30 and image[-4:].float().mean() > 225  # now top/bottom
+
+    palette = Image.new("P", (6, 6), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=b"\x00\x80")  # per-entry alpha
+    raw = {"__key__": "p", "png": buffer.getvalue(), "txt": b"palette"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = to_uint8(ImageDecoder(6, train=False)(raw, np.random.default_rng(0))["image"])
+    assert image[0, 0].tolist() == [255, 0, 0]

@@ -1,0 +1,162 @@
+"""Factorized quantizer: gradient paths, lookup, usage statistics, dead-code restarts, DDP sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from parti.models.quantizer import FactorizedQuantizer
+
+
+def _quantizer(dim: int = 16, size: int = 32, code_dim: int = 8, **kwargs) -> FactorizedQuantizer:
+    torch.manual_seed(0)
+    return FactorizedQuantizer(dim, size, code_dim, **kwargs)
+
+
+def _identity_quantizer(size: int, window: int = 100) -> FactorizedQuantizer:
+    """Codes are the one-hot basis and the projection is the identity: input e_k picks code k."""
+    q = FactorizedQuantizer(size, size, size, usage_window=window)
+    with torch.no_grad():
+        q.proj.weight.copy_(torch.eye(size))
+        q.proj.bias.zero_()
+        q.codebook.copy_(torch.eye(size))
+    return q
+
+
+def _one_hot(ids: list[int], size: int) -> torch.Tensor:
+    return F.one_hot(torch.tensor([ids]), size).float()  # (1, N, size)
+
+
+def test_codebook_loss_moves_only_the_codebook():
+    q = _quantizer()
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    q(h).codebook_loss.backward()
+    assert q.codebook.grad is not None and q.codebook.grad.abs().sum() > 0
+    assert q.proj.weight.grad is None and h.grad is None
+
+
+def test_commitment_loss_moves_only_the_encoder_side():
+    q = _quantizer()
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    q(h).commitment_loss.backward()
+    assert q.codebook.grad is None
+    assert q.proj.weight.grad.abs().sum() > 0 and h.grad.abs().sum() > 0
+
+
+def test_straight_through_reaches_the_encoder_and_not_the_codebook():
+    q = _quantizer()
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    out = q(h)
+    (out.quantized * torch.randn_like(out.quantized)).sum().backward()
+    assert h.grad.abs().sum() > 0 and q.proj.weight.grad.abs().sum() > 0
+    assert q.codebook.grad is None
+
+
+def test_loss_combines_terms_with_beta():
+    q = _quantizer(beta=0.25)
+    out = q(torch.randn(2, 5, 16))
+    assert torch.allclose(out.loss, out.codebook_loss + 0.25 * out.commitment_loss)
+    assert torch.allclose(out.codebook_loss, out.commitment_loss)  # same value, different gradients
+
+
+def test_ids_are_cosine_nearest_neighbours_and_codes_are_unit_norm():
+    q = _quantizer().eval()
+    h = torch.randn(3, 7, 16)
+    out = q(h)
+    z = F.normalize(q.proj(h), dim=-1)
+    codes = F.normalize(q.codebook, dim=-1)
+    expected = torch.cdist(z.reshape(-1, 8), codes).argmin(-1).view(3, 7)
+    assert out.ids.dtype == torch.long and out.ids.shape == (3, 7)
+    assert torch.equal(out.ids, expected)
+    assert torch.allclose(out.quantized.norm(dim=-1), torch.ones(3, 7), atol=1e-5)
+    assert torch.allclose(out.quantized, codes[out.ids], atol=1e-6)
+
+
+def test_usage_and_perplexity_on_a_known_distribution():
+    q = _identity_quantizer(4)
+    assert q.usage() == {"usage": 0.0, "perplexity": 0.0}
+    q(_one_hot([0, 0, 1, 1], 4))
+    stats = q.usage()
+    assert stats["usage"] == pytest.approx(0.5)
+    assert stats["perplexity"] == pytest.approx(2.0)
+    q(_one_hot([2, 2, 3, 3], 4))
+    assert q.usage() == pytest.approx({"usage": 1.0, "perplexity": 4.0})
+    q(
+        _one_hot([0, 1, 2, 2], 4)
+    )  # window is now [0,0,1,1,2,2,3,3,0,1,2,2]: p = 3/12, 3/12, 4/12, 2/12
+    p = torch.tensor([3, 3, 4, 2]) / 12
+    assert q.usage()["perplexity"] == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-5)
+
+
+def test_usage_window_slides_and_eval_records_nothing():
+    q = _identity_quantizer(4, window=2)
+    q(_one_hot([0, 0], 4))
+    q(_one_hot([1, 1], 4))
+    q(_one_hot([2, 2], 4))  # the first forward left the window
+    assert q.usage() == pytest.approx({"usage": 0.5, "perplexity": 2.0})
+    q.eval()
+    q(_one_hot([3, 3], 4))
+    assert q.usage()["usage"] == pytest.approx(0.5)
+
+
+def test_dead_code_restart_revives_unused_codes():
+    q = _quantizer(dim=16, size=64, code_dim=4)
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([1.0, 0, 0, 0]).expand(64, 4))  # all codes equal: only 0 wins
+    data = torch.randn(8, 32, 16)
+    q(data)
+    before = q.usage()["usage"]
+    assert before == pytest.approx(1 / 64)
+    assert q.restart_dead_codes() == 63
+    assert q.usage() == {"usage": 0.0, "perplexity": 0.0}  # the window was reset
+    q(data)
+    assert q.usage()["usage"] > 0.5
+    assert q.restart_dead_codes() < 32
+
+
+def test_restart_without_recent_outputs_is_a_no_op():
+    q = _quantizer()
+    codebook = q.codebook.detach().clone()
+    assert q.restart_dead_codes() == 0
+    assert torch.equal(q.codebook, codebook)
+
+
+def test_statistics_are_buffers_in_the_state_dict():
+    q = _quantizer(usage_window=5)
+    q(torch.randn(2, 3, 16))
+    state = q.state_dict()
+    assert {"window_counts", "window_pos", "recent", "recent_pos"} <= set(state)
+    assert state["window_counts"].shape == (5, 32) and int(state["window_pos"]) == 1
+    assert {name for name, _ in q.named_parameters()} == {"proj.weight", "proj.bias", "codebook"}
+
+
+def test_bad_usage_window_is_rejected():
+    with pytest.raises(ValueError, match="usage_window"):
+        FactorizedQuantizer(8, 16, 4, usage_window=0)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q = _identity_quantizer(4)
+        q(_one_hot([rank, rank], 4))  # rank 0 uses code 0, rank 1 code 1
+        results[rank] = (q.usage(), q.restart_dead_codes(), q.codebook.detach().clone())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_restart_under_ddp_sums_counts_and_syncs_the_codebook(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+        (usage0, restarted0, book0), (usage1, restarted1, book1) = results[0], results[1]
+    assert usage0 == usage1 == pytest.approx({"usage": 0.5, "perplexity": 2.0})
+    assert restarted0 == restarted1 == 2  # codes 2 and 3: unused on every rank
+    assert torch.equal(book0, book1)
+    assert torch.equal(book0[:2], torch.eye(4)[:2])

@@ -1,0 +1,164 @@
+"""The shared trainer on stage 1: loss falls, checkpoints restore everything, exact resume, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from parti.config import validate_vqgan
+from parti.training.checkpoint import Checkpointer, export_weights, load_export
+from parti.training.stage1 import VQGANTask
+from parti.training.trainer import Trainer, start_run
+from tests.conftest import compose_config, tiny_vqgan_overrides
+
+
+def build(shapes_dir, run_dir, steps=6, extra=()):
+    cfg = compose_config("train_vqgan", tiny_vqgan_overrides(shapes_dir, run_dir, steps) + list(extra))
+    run = start_run(cfg, validate_vqgan)
+    task = VQGANTask(run)
+    return Trainer(run, task), task
+
+
+def weights(task) -> dict[str, torch.Tensor]:
+    return {f"{unit}.{k}": v.clone() for unit, u in task.units.items()
+            for k, v in u.module.state_dict().items()}
+
+
+def test_a_few_steps_lower_the_loss(shapes_dir, tmp_path):
+    trainer, task = build(shapes_dir, tmp_path, steps=30,
+                          extra=["loss.disc_start=1000", "trainer.log_every=1"])
+    losses = []
+    original = task.train_step
+
+    def recording(micro_batches, step):
+        out = original(micro_batches, step)
+        losses.append(out["train/l2"])
+        return out
+
+    task.train_step = recording
+    metrics = trainer.fit()
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert {"eval/psnr", "eval/lpips", "eval/codebook_usage"} <= set(metrics)
+    assert (tmp_path / "tb").is_dir() and (tmp_path / "config.yaml").is_file()
+
+
+def test_checkpoint_restores_every_piece_of_state(shapes_dir, tmp_path):
+    trainer, task = build(shapes_dir, tmp_path / "a", steps=4,
+                          extra=["trainer.ema_decay=0.9", "trainer.precision=fp32"])
+    loader_states = []
+    save = trainer.save
+
+    def recording_save(loader):
+        loader_states.append(loader.state_dict())
+        return save(loader)
+
+    trainer.save = recording_save
+    trainer.fit()
+    saved = Checkpointer(tmp_path / "a", 3, trainer.run.dist).latest()
+    assert saved is not None and saved.name == "step-0000004"
+    fresh, fresh_task = build(shapes_dir, tmp_path / "a", steps=4, extra=["trainer.ema_decay=0.9"])
+    assert fresh.resume() == saved
+    assert fresh.step == 4 and fresh_task.disc_steps == task.disc_steps == 2
+    for name, unit in task.units.items():
+        other = fresh_task.units[name]
+        for (k, v), v2 in zip(unit.module.state_dict().items(), other.module.state_dict().values()):
+            assert torch.equal(v, v2), f"{name}.{k}"
+        assert other.optimizer.state_dict()["state"].keys() == unit.optimizer.state_dict()["state"].keys()
+        for state, state2 in zip(unit.optimizer.state_dict()["state"].values(),
+                                 other.optimizer.state_dict()["state"].values()):
+            assert all(torch.equal(state[k], state2[k]) for k in state)
+        assert other.scheduler.state_dict() == unit.scheduler.state_dict()
+        assert other.scaler.state_dict() == unit.scaler.state_dict()
+    for v, v2 in zip(trainer.ema.state_dict().values(), fresh.ema.state_dict().values()):
+        assert torch.equal(v, v2)
+    assert fresh.loader_state == loader_states[-1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_ends_with_the_same_weights(shapes_dir, tmp_path, workers):
+    extra = [f"data.num_workers={workers}", "model.dropout=0.1", "trainer.ckpt_every=3"]
+    straight, straight_task = build(shapes_dir, tmp_path / "straight", steps=8, extra=extra)
+    straight.fit()
+    first, _ = build(shapes_dir, tmp_path / "resumed", steps=8, extra=extra)
+    first.cfg.trainer.steps = 5  # the same run stopped after step 5 (the lr schedule still spans 8)
+    first.fit()
+    second, second_task = build(shapes_dir, tmp_path / "resumed", steps=8, extra=extra)
+    assert second.resume().name == "step-0000005"
+    second.fit()
+    a, b = weights(straight_task), weights(second_task)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(shapes_dir, tmp_path):
+    trainer, task = build(shapes_dir, tmp_path, steps=1000, extra=["loss.disc_start=1000"])
+    original = task.train_step
+
+    def step_then_signal(micro_batches, step):
+        out = original(micro_batches, step)
+        if step == 2:
+            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+            threading.Event().wait(0.2)
+        return out
+
+    task.train_step = step_then_signal
+    assert trainer.fit() == {}
+    latest = Checkpointer(tmp_path, 3, trainer.run.dist).latest()
+    assert latest is not None and 3 <= int(latest.name.split("-")[1]) < 10
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+def test_non_finite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path):
+    trainer, task = build(shapes_dir, tmp_path, steps=20,
+                          extra=["loss.disc_start=1000", "trainer.max_bad_steps=3",
+                                 "model.restart_every=0"])
+    with torch.no_grad():
+        task.generator.last_layer.fill_(float("nan"))
+    before = {k: torch.nan_to_num(p.detach().clone()) for k, p in task.generator.named_parameters()}
+    with pytest.raises(RuntimeError, match="3 consecutive steps with a non-finite"):
+        trainer.fit()
+    for name, param in task.generator.named_parameters():
+        assert torch.equal(before[name], torch.nan_to_num(param.detach())), name
+    assert trainer.bad_total == 3 and trainer.step == 3
+
+
+def test_resume_never_refuses_to_overwrite(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])
+    trainer.fit()
+    again, _ = build(shapes_dir, tmp_path, steps=2, extra=["resume=never"])
+    with pytest.raises(RuntimeError, match="already holds checkpoints"):
+        again.resume()
+
+
+def test_truncated_checkpoint_is_reported(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])
+    trainer.fit()
+    state = tmp_path / "checkpoints" / "step-0000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    again, _ = build(shapes_dir, tmp_path, steps=4)
+    with pytest.raises(RuntimeError, match="state.pt is damaged"):
+        again.resume()
+
+
+def test_unfinished_checkpoint_is_ignored(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])
+    trainer.fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / ".tmp-step-0000004").mkdir()
+    (ckpts / "step-0000006").mkdir()  # no COMPLETE marker: a crash mid-write
+    assert Checkpointer(tmp_path, 3, trainer.run.dist).latest().name == "step-0000002"
+
+
+def test_export_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    export_weights(tmp_path / "export", model.state_dict(), {"kind": "test", "model": {"a": 1}})
+    weights_, config = load_export(tmp_path / "export")
+    assert config == {"kind": "test", "model": {"a": 1}}
+    assert torch.equal(weights_["weight"], model.weight)
+    with pytest.raises(FileNotFoundError, match="neither an export folder"):
+        load_export(tmp_path)

@@ -1,0 +1,39 @@
+"""Stage 2: train the Parti encoder-decoder from text tokens to image tokens.
+
+    python train_parti.py                                   # parti_tiny on the shapes token shards
+    torchrun --nproc_per_node 2 train_parti.py              # DDP on this CPU (gloo)
+    torchrun --nproc_per_node 8 train_parti.py model=parti_350m data=wds optim=adafactor \
+        data.token_train_shards='/data/tokens/{00000..01023}.tar' data.text_tokenizer=/data/text.model \
+        tokenizer.ckpt=outputs/vqgan/<run>/export
+    python train_parti.py data.encode_on_the_fly=true       # encode image shards with the tokenizer
+
+Reads top to bottom: setup, build, resume, loop, export.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from parti.config import register_configs, validate_parti
+from parti.training import distributed
+from parti.training.checkpoint import export_weights
+from parti.training.stage2 import PartiTask
+from parti.training.trainer import Trainer, start_run
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="train_parti", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    run = start_run(cfg, validate_parti)
+    task = PartiTask(run)
+    trainer = Trainer(run, task)
+    trainer.resume()
+    metrics = trainer.fit()
+    if run.dist.is_main and metrics:
+        export_weights(run.run_dir / "export", trainer.eval_model.state_dict(), task.export_config())
+    distributed.shutdown()
+    return metrics.get("eval/loss_true_caption", float("nan"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Stage 1: train the ViT-VQGAN image tokenizer.
+
+    python train_vqgan.py                                    # tiny tokenizer on the built-in shapes data
+    python train_vqgan.py -m lr=1e-4,3e-4                    # Hydra multirun sweep, one folder per run
+    torchrun --nproc_per_node 2 train_vqgan.py               # DDP (gloo on CPU, nccl on CUDA)
+    python train_vqgan.py model=vitvqgan_small data=wds data.train_shards='/data/{00000..01023}.tar' \
+        data.eval_shards=/data/val.tar loss.perceptual_backbone=vgg loss.perceptual_weights=/w/vgg16.pth
+    python train_vqgan.py run_dir=outputs/vqgan/2026-11-28_10-00-00   # continue that run (resume=auto)
+
+Reads top to bottom: setup, build, resume, loop, export.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from parti.config import register_configs, validate_vqgan
+from parti.training import distributed
+from parti.training.checkpoint import export_weights
+from parti.training.stage1 import VQGANTask
+from parti.training.trainer import Trainer, start_run
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="train_vqgan", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    run = start_run(cfg, validate_vqgan)
+    task = VQGANTask(run)
+    trainer = Trainer(run, task)
+    trainer.resume()
+    metrics = trainer.fit()
+    if run.dist.is_main and metrics:
+        export_weights(run.run_dir / "export", trainer.eval_model.state_dict(), task.export_config())
+    distributed.shutdown()
+    return metrics.get("eval/psnr", float("nan"))
+
+
+if __name__ == "__main__":
+    main()
