@@ -27,7 +27,7 @@ def shapes_dir(tmp_path_factory) -> Path:
     from parti.data.shapes import generate
 
     captions = [c for _, _, c, _ in generate(2000, seed=0, size=16)]
-    train_tokenizer(captions, str(root / "text"), vocab_size=128)
+    train_tokenizer(captions, str(root / "text"), vocab_size=128, model_type="bpe")
     return root
 
 
@@ -44,11 +44,59 @@ def tiny_vqgan_overrides(shapes_dir: Path, run_dir: Path, steps: int = 6) -> lis
         f"data.eval_shards={shapes_dir}/eval-00000.tar",
         f"data.image_size={TINY_DATA_SIZE}", f"model.image_size={TINY_DATA_SIZE}",
         "data.num_workers=0", "data.eval_samples=16", "data.shuffle_buffer=32",
-        "model.enc_dim=32", "model.enc_layers=1", "model.enc_heads=2", "model.enc_mlp_dim=64",
+        "model.patch_size=8", "model.enc_dim=32", "model.enc_layers=1", "model.enc_heads=2", "model.enc_mlp_dim=64",
         "model.dec_dim=32", "model.dec_layers=1", "model.dec_heads=2", "model.dec_mlp_dim=64",
         "model.codebook_size=64", "model.code_dim=8", "model.restart_every=3",
         "model.usage_window=3", "model.disc.channels=4", "model.disc.max_channels=8",
         "loss.disc_start=2", "optim.warmup_steps=0", "lr=1e-3",
+        f"trainer.steps={steps}", "trainer.micro_batch=8", "trainer.global_batch=8",
+        "trainer.log_every=2", "trainer.eval_every=0", "trainer.image_every=0",
+        "trainer.ckpt_every=0", "trainer.progress=false", f"run_dir={run_dir}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(shapes_dir, tmp_path_factory) -> Path:
+    """The export folder of a tiny stage-1 tokenizer trained for a few steps on the shapes data."""
+    from parti.config import validate_vqgan
+    from parti.training.checkpoint import export_weights
+    from parti.training.stage1 import VQGANTask
+    from parti.training.trainer import Trainer, start_run
+
+    run_dir = tmp_path_factory.mktemp("tokenizer")
+    cfg = compose_config("train_vqgan", tiny_vqgan_overrides(shapes_dir, run_dir, steps=4))
+    run = start_run(cfg, validate_vqgan)
+    task = VQGANTask(run)
+    trainer = Trainer(run, task)
+    trainer.fit()
+    return export_weights(run_dir / "export", trainer.eval_model.state_dict(), task.export_config())
+
+
+@pytest.fixture(scope="session")
+def token_dir(shapes_dir, tiny_tokenizer, tmp_path_factory) -> Path:
+    """Token shards of the tiny shapes data made by `python -m parti.data.tokenize`."""
+    from parti.data.tokenize import main as tokenize
+
+    out = tmp_path_factory.mktemp("tokens")
+    shards = f"{shapes_dir}/train-{{00000..00003}}.tar::{shapes_dir}/eval-00000.tar"
+    tokenize(["--shards", shards, "--tokenizer", str(tiny_tokenizer), "--out", str(out)])
+    return out
+
+
+def tiny_parti_overrides(shapes_dir: Path, token_dir: Path, tokenizer: Path, run_dir: Path,
+                         steps: int = 6) -> list[str]:
+    """A seconds-long stage-2 run on the tiny token shards (4x4 image tokens, 64 codes)."""
+    return [
+        f"data.train_shards='{shapes_dir}/train-{{00000..00003}}.tar'",
+        f"data.eval_shards={shapes_dir}/eval-00000.tar",
+        f"data.token_train_shards='{token_dir}/train-{{00000..00003}}.tar'",
+        f"data.token_eval_shards={token_dir}/eval-00000.tar",
+        f"data.text_tokenizer={shapes_dir}/text.model", f"tokenizer.ckpt={tokenizer}",
+        f"data.image_size={TINY_DATA_SIZE}", "data.num_workers=0", "data.eval_samples=16",
+        "data.shuffle_buffer=32", "model.vocab_size=128", "model.text_len=24",
+        "model.codebook_size=64", "model.image_grid=4", "model.dim=32", "model.heads=2",
+        "model.mlp_dim=64", "model.enc_layers=1", "model.dec_layers=1", "model.dropout=0.0",
+        "optim.warmup_steps=0", "lr=3e-3", "sample.prompts=[a red circle]",
         f"trainer.steps={steps}", "trainer.micro_batch=8", "trainer.global_batch=8",
         "trainer.log_every=2", "trainer.eval_every=0", "trainer.image_every=0",
         "trainer.ckpt_every=0", "trainer.progress=false", f"run_dir={run_dir}",

@@ -112,7 +112,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(shapes_dir, tmp_path):
     assert latest is not None and 3 <= int(latest.name.split("-")[1]) < 10
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_non_finite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path):
     trainer, task = build(shapes_dir, tmp_path, steps=20,
                           extra=["loss.disc_start=1000", "trainer.max_bad_steps=3",

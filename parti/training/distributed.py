@@ -84,3 +84,15 @@ def reduce_scalars(scalars: dict[str, float | torch.Tensor], device: torch.devic
     world = dist.get_world_size() if dist.is_initialized() else 1
     values = all_reduce_sum(values) / world
     return dict(zip(keys, values.tolist()))
+
+
+def sum_dicts(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum over ranks of dicts whose keys may differ between ranks (a missing key counts 0)."""
+    if not dist.is_initialized():
+        return dict(values)
+    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, sorted(values))
+    keys = sorted(set().union(*gathered))
+    totals = all_reduce_sum(torch.tensor([float(values.get(k, 0.0)) for k in keys],
+                                         dtype=torch.float64, device=device))
+    return dict(zip(keys, totals.tolist()))

@@ -13,9 +13,7 @@ from torch import nn
 from parti.config import to_container
 from parti.data.pipeline import build_eval_loader, build_train_loader, expand_urls
 from parti.data.transforms import ImageDecoder
-from parti.eval.metrics import codebook_usage, psnr
-from parti.eval.shapes_judge import judge_batch
-from parti.losses.perceptual import lpips_distance
+from parti.eval.tokenizer import limited, reconstruction_sums, summarize
 from parti.losses.vqgan import VQGANLoss
 from parti.models.discriminator import Discriminator
 from parti.models.vitvqgan import VitVQGAN, count_block_params
@@ -59,13 +57,7 @@ class VQGANTask(Task):
             expand_urls(cfg.data.eval_shards), ImageDecoder(cfg.data.image_size, train=False),
             batch_size=cfg.trainer.micro_batch, rank=dist.rank, world_size=dist.world_size,
             num_workers=0)
-        seen, limit = 0, max(1, cfg.data.eval_samples // dist.world_size)
-        for batch in loader:
-            if seen >= limit:
-                break
-            batch = {k: v[: limit - seen] for k, v in batch.items()}
-            seen += len(batch["image"])
-            yield batch
+        return limited(loader, max(1, cfg.data.eval_samples // dist.world_size))
 
     def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         device = self.run.device
@@ -106,41 +98,14 @@ class VQGANTask(Task):
             out["codebook/restarted"] = float(quantizer.restart_dead_codes())
         return out
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        device, model_was_training = self.run.device, model.training
-        model.eval()
-        psnr_sum, lpips_sum, count = 0.0, 0.0, 0
-        judged: dict[str, float] = {}
-        counts = torch.zeros(self.model_cfg.codebook_size, dtype=torch.float64, device=device)
-        for batch in self._eval_batches():
-            images = batch["image"].to(device)
-            with self.run.autocast():
-                ids = model.encode(images)
-                recon = model.decode(ids).float()
-            counts += torch.bincount(ids.flatten(), minlength=len(counts)).to(counts)
-            psnr_sum += float(psnr(images, recon).sum())
-            if self.loss.perceptual is not None:
-                lpips_sum += float(lpips_distance(self.loss.perceptual, images, recon).sum())
-            count += len(images)
-            if self.run.cfg.data.name == "shapes":
-                for key, value in judge_batch(recon.cpu(), batch["caption"]).items():
-                    judged[key] = judged.get(key, 0.0) + value * len(images)
-        model.train(model_was_training)
-        usage, perplexity = codebook_usage(distributed.all_reduce_sum(counts))
-        totals = distributed.all_reduce_sum(torch.tensor(
-            [psnr_sum, lpips_sum, float(count)], dtype=torch.float64, device=device)).tolist()
-        n = max(totals[2], 1.0)
-        metrics = {"eval/psnr": totals[0] / n, "eval/codebook_usage": usage,
-                   "eval/codebook_perplexity": perplexity}
-        if self.loss.perceptual is not None:
-            metrics["eval/lpips"] = totals[1] / n
-        if judged:
-            keys = sorted(judged)
-            sums = distributed.all_reduce_sum(torch.tensor(
-                [judged[k] for k in keys], dtype=torch.float64, device=device)).tolist()
-            metrics.update({f"eval/judge_{k}": v / n for k, v in zip(keys, sums)})
-        return metrics
+        """PSNR, LPIPS, codebook usage (and the shapes judge) of held-out reconstructions."""
+        device = self.run.device
+        sums, counts = reconstruction_sums(model, self._eval_batches(), self.loss.perceptual,
+                                           device, self.run.autocast)
+        sums = distributed.sum_dicts(sums, device)
+        counts = distributed.all_reduce_sum(counts)
+        return {f"eval/{k}": v for k, v in summarize(sums, counts).items()}
 
     @torch.no_grad()
     def log_images(self, model: nn.Module, logger: RunLogger, step: int) -> None:

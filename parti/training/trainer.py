@@ -9,6 +9,7 @@ resume, SIGTERM, logging, throughput) lives here once.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 from abc import ABC, abstractmethod
@@ -340,6 +341,8 @@ class Trainer:
             final = self._evaluate(logger)
             if run.dist.is_main:
                 self.task.log_images(self.eval_model, logger, self.step)
+                record = {"step": self.step, **final}
+                (run.run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
             return final
         finally:
             stop.restore()

@@ -1,0 +1,116 @@
+"""Stage 2 on the shared trainer: token shards, training, text dropout, tokenizer checks, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from parti.config import validate_parti
+from parti.data.pipeline import iter_raw_samples
+from parti.data.transforms import ImageDecoder
+from parti.models.loading import load_image_tokenizer
+from parti.training.stage2 import PartiTask
+from parti.training.trainer import Trainer, start_run
+from tests.conftest import compose_config, tiny_parti_overrides
+
+
+def build(shapes_dir, token_dir, tokenizer, run_dir, steps=6, extra=()):
+    overrides = tiny_parti_overrides(shapes_dir, token_dir, tokenizer, run_dir, steps)
+    cfg = compose_config("train_parti", overrides + list(extra))
+    run = start_run(cfg, validate_parti)
+    task = PartiTask(run)
+    return Trainer(run, task), task
+
+
+def test_token_shards_hold_the_tokenizer_codes_of_every_image(shapes_dir, token_dir, tiny_tokenizer):
+    tokenizer = load_image_tokenizer(tiny_tokenizer)
+    decode = ImageDecoder(32, train=False)
+    images = {s["__key__"]: s for s in iter_raw_samples(f"{shapes_dir}/eval-00000.tar")}
+    tokens = list(iter_raw_samples(f"{token_dir}/eval-00000.tar"))
+    assert len(tokens) == len(images) == 32
+    for sample in tokens[:8]:
+        stored = np.load(__import__("io").BytesIO(sample["tokens.npy"]))
+        assert stored.dtype == np.int16 and stored.shape == (16,)
+        image = decode(images[sample["__key__"]], np.random.default_rng(0))["image"]
+        expected = tokenizer.encode(image[None]).flatten()
+        assert torch.equal(torch.from_numpy(stored.astype(np.int64)), expected)
+        assert sample["txt"] == images[sample["__key__"]]["txt"]
+        assert sample["json"] == images[sample["__key__"]]["json"]
+
+
+def test_tokenize_is_resumable(shapes_dir, tiny_tokenizer, tmp_path):
+    from parti.data.tokenize import main as tokenize
+
+    args = ["--shards", f"{shapes_dir}/train-{{00000..00001}}.tar", "--tokenizer",
+            str(tiny_tokenizer), "--out", str(tmp_path)]
+    assert tokenize(args)["written"] == 2
+    (tmp_path / "train-00001.tar").unlink()
+    assert tokenize(args) == {"written": 1, "kept": 1, "samples": 64}
+
+
+def test_a_few_steps_lower_the_loss(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
+    trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path, steps=40,
+                          extra=["trainer.log_every=1", "model.text_dropout=0.0"])
+    losses = []
+    original = task.train_step
+
+    def recording(micro_batches, step):
+        out = original(micro_batches, step)
+        losses.append(out["train/loss"])
+        return out
+
+    task.train_step = recording
+    metrics = trainer.fit()
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert {"eval/loss_true_caption", "eval/loss_shuffled_caption",
+            "eval/loss_empty_caption"} <= set(metrics)
+
+
+def test_encode_on_the_fly_trains_from_image_shards(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
+    trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path, steps=2,
+                          extra=["data.encode_on_the_fly=true", "data.token_train_shards="])
+    batch = next(iter(task.train_loader(None)))
+    assert "image" in batch and "tokens" not in batch
+    assert task._tokens(batch).shape == (8, 16)
+    assert trainer.fit()["eval/loss_true_caption"] > 0
+
+
+def test_text_dropout_rate(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
+    _, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path,
+                    extra=["model.text_dropout=0.25"])
+    dropped = task._drop_captions(["a red circle"] * 20000)
+    rate = sum(c == "" for c in dropped) / len(dropped)
+    assert abs(rate - 0.25) < 0.015
+    assert set(dropped) == {"", "a red circle"}
+
+
+def test_resumed_run_ends_with_the_same_weights(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
+    extra = ["model.dropout=0.1", "model.text_dropout=0.3", "trainer.ckpt_every=2"]
+    straight, straight_task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "a", 6, extra)
+    straight.fit()
+    first, _ = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "b", 6, extra)
+    first.cfg.trainer.steps = 3
+    first.fit()
+    second, second_task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "b", 6, extra)
+    assert second.resume().name == "step-0000003"
+    second.fit()
+    a = straight_task.model.state_dict()
+    b = second_task.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.codebook_size=128", "model.codebook_size 128 differs from the image tokenizer's codebook 64"),
+    ("model.image_grid=8", "model.image_grid 8 differs from the image tokenizer's grid 4"),
+    ("model.vocab_size=16", "smaller than the text tokenizer's vocabulary"),
+])
+def test_model_must_match_its_tokenizers(shapes_dir, token_dir, tiny_tokenizer, tmp_path, override,
+                                         message):
+    with pytest.raises(ValueError, match=message):
+        build(shapes_dir, token_dir, tiny_tokenizer, tmp_path, extra=[override])
+
+
+def test_missing_tokenizer_says_how_to_make_one(shapes_dir, token_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="Train a tokenizer first"):
+        build(shapes_dir, token_dir, tmp_path / "nothing", tmp_path)
