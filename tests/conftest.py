@@ -31,6 +31,20 @@ def shapes_dir(tmp_path_factory) -> Path:
     return root
 
 
+def record_losses(task, key: str) -> list[float]:
+    """Wrap `task.train_step` so that every step appends its `key` scalar to the returned list."""
+    losses: list[float] = []
+    step = task.train_step
+
+    def recording(micro_batches, index):
+        out = step(micro_batches, index)
+        losses.append(out[key])
+        return out
+
+    task.train_step = recording
+    return losses
+
+
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
     """The config `python {name}.py <overrides>` would run with (without Hydra's own section)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

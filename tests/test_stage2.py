@@ -12,7 +12,7 @@ from parti.data.transforms import ImageDecoder
 from parti.models.loading import load_image_tokenizer
 from parti.training.stage2 import PartiTask
 from parti.training.trainer import Trainer, start_run
-from tests.conftest import compose_config, tiny_parti_overrides
+from tests.conftest import compose_config, record_losses, tiny_parti_overrides
 
 
 def build(shapes_dir, token_dir, tokenizer, run_dir, steps=6, extra=()):
@@ -52,15 +52,7 @@ def test_tokenize_is_resumable(shapes_dir, tiny_tokenizer, tmp_path):
 def test_a_few_steps_lower_the_loss(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
     trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path, steps=40,
                           extra=["trainer.log_every=1", "model.text_dropout=0.0"])
-    losses = []
-    original = task.train_step
-
-    def recording(micro_batches, step):
-        out = original(micro_batches, step)
-        losses.append(out["train/loss"])
-        return out
-
-    task.train_step = recording
+    losses = record_losses(task, "train/loss")
     metrics = trainer.fit()
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert {"eval/loss_true_caption", "eval/loss_shuffled_caption",
@@ -114,3 +106,47 @@ def test_model_must_match_its_tokenizers(shapes_dir, token_dir, tiny_tokenizer, 
 def test_missing_tokenizer_says_how_to_make_one(shapes_dir, token_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="Train a tokenizer first"):
         build(shapes_dir, token_dir, tmp_path / "nothing", tmp_path)
+
+
+def test_adafactor_with_the_parti_schedule_trains(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
+    trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path, steps=6,
+                          extra=["optim=adafactor", "optim.warmup_steps=2", "optim.decay_start=3"])
+    assert type(task.units["model"].optimizer).__name__ == "Adafactor"
+    lrs = record_losses(task, "train/lr")
+    trainer.fit()
+    peak = trainer.cfg.lr
+    # Warm-up over 2 steps, flat until decay_start, then exponential decay reaching 0.025 x peak
+    # after the last step.
+    expected = [0.5, 1, 1, 1, 0.025 ** (1 / 3), 0.025 ** (2 / 3)]
+    assert lrs == pytest.approx([peak * f for f in expected])
+
+
+def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "run", steps=2)
+    trainer.fit()
+    from parti.training.checkpoint import export_weights
+
+    export = export_weights(tmp_path / "run" / "export", trainer.eval_model.state_dict(),
+                            task.export_config())
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "sample.py", f"ckpt={export}", "prompts=[a red circle,a blue square]",
+         "samples_per_prompt=2", f"out={tmp_path}/grid.png"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert "shapes judge" in done.stdout and "color=" in done.stdout
+
+
+def test_tokenizer_evaluation_command(shapes_dir, tiny_tokenizer, capsys):
+    from parti.eval.tokenizer import main as evaluate_tokenizer
+
+    metrics = evaluate_tokenizer([f"ckpt={tiny_tokenizer}", f"shards={shapes_dir}/eval-00000.tar",
+                                  "samples=16", "batch_size=8"])
+    assert {"psnr", "lpips", "codebook_usage", "codebook_perplexity", "judge_all"} <= set(metrics)
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["psnr"] > 5
+    assert "on 16 images" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from parti.config import validate_vqgan
 from parti.training.checkpoint import Checkpointer, export_weights, load_export
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import Trainer, start_run
-from tests.conftest import compose_config, tiny_vqgan_overrides
+from tests.conftest import compose_config, record_losses, tiny_vqgan_overrides
 
 
 def build(shapes_dir, run_dir, steps=6, extra=()):
@@ -31,15 +31,7 @@ def weights(task) -> dict[str, torch.Tensor]:
 def test_a_few_steps_lower_the_loss(shapes_dir, tmp_path):
     trainer, task = build(shapes_dir, tmp_path, steps=30,
                           extra=["loss.disc_start=1000", "trainer.log_every=1"])
-    losses = []
-    original = task.train_step
-
-    def recording(micro_batches, step):
-        out = original(micro_batches, step)
-        losses.append(out["train/l2"])
-        return out
-
-    task.train_step = recording
+    losses = record_losses(task, "train/l2")
     metrics = trainer.fit()
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert {"eval/psnr", "eval/lpips", "eval/codebook_usage"} <= set(metrics)

@@ -301,6 +301,9 @@ class Trainer:
         logger.info(f"run folder {run.run_dir} | world size {run.dist.world_size} | precision "
                     f"{run.precision} | accumulation {run.accumulation} | start step {self.step}")
         if self.step == 0:
+            # Models were built from the same seed on every rank; from here on each rank draws its
+            # own dropout masks and text dropout (a resumed run restores these RNG states instead).
+            torch.manual_seed(t.seed + run.dist.rank)
             logger.text("config", f"```\n{OmegaConf.to_yaml(self.cfg, resolve=True)}\n```", 0)
         loader = self.task.train_loader(self.loader_state)
         batches = iter(loader)
