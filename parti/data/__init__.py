@@ -1,0 +1,1 @@
+"""Shard pipelines, transforms, shard writer, shapes data and token shards."""
