@@ -154,3 +154,16 @@ def test_export_round_trip(tmp_path):
     assert torch.equal(weights_["weight"], model.weight)
     with pytest.raises(FileNotFoundError, match="neither an export folder"):
         load_export(tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_clean_names(shapes_dir, tmp_path):
+    trainer, task = build(shapes_dir, tmp_path, steps=2,
+                          extra=["trainer.compile=true", "loss.disc_start=1000"])
+    losses = record_losses(task, "train/l2")
+    trainer.fit()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    shared, _ = trainer.checkpointer.load(trainer.checkpointer.latest())
+    names = shared["units"]["model"]["model"].keys()
+    assert names == task.generator.state_dict().keys()
+    assert not any("_orig_mod" in name for name in names)

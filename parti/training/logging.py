@@ -30,6 +30,7 @@ class RunLogger:
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)
+            log.propagate = False  # the console gets each line once, through the progress bar
             self._handler = handler
             if progress:
                 self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
@@ -37,8 +38,7 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            if self.bar is not None:
-                self.bar.write(message)
+            (self.bar.write if self.bar is not None else print)(message)
             log.info(message)
 
     def scalars(self, values: dict[str, float], step: int) -> None:

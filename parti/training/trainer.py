@@ -329,9 +329,11 @@ class Trainer:
                     self._log(logger, loader, window, meter, tokens_per_sample, flops_per_sample,
                               peak)
                     window = {}
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                before_end = self.step < t.steps  # the end of the run evaluates and draws anyway
+                if t.eval_every and self.step % t.eval_every == 0 and before_end:
                     self._evaluate(logger)
-                if t.image_every and self.step % t.image_every == 0 and run.dist.is_main:
+                if t.image_every and self.step % t.image_every == 0 and before_end and (
+                        run.dist.is_main):
                     self.task.log_images(self.eval_model, logger, self.step)
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.save(loader)
