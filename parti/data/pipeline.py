@@ -260,6 +260,20 @@ def _fresh_worker_state() -> dict[str, Any]:
     return {"block": 0, "offset": 0, "skipped": {}, "consecutive": 0}
 
 
+def _data_loader(stream: IterableDataset, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over a stream that batches inside its workers."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        # A private generator: seeding workers must not draw from the global torch RNG, whose
+        # state a resumed run restores exactly.
+        generator=torch.Generator(),
+    )
+
+
 class _TrainStream(IterableDataset):
     """Endless batches of one rank; each DataLoader worker plays one logical reader."""
 
@@ -345,16 +359,7 @@ class TrainLoader:
         """Batches from the current position on; a new iter() continues where the last stopped."""
         self._iterations += 1
         iteration = self._iterations
-        loader = DataLoader(
-            self._stream,
-            batch_size=None,
-            num_workers=self._num_workers,
-            pin_memory=self._pin_memory,
-            persistent_workers=False,
-            # A private generator: seeding workers must not draw from the global torch RNG, whose
-            # state a resumed run restores exactly.
-            generator=torch.Generator(),
-        )
+        loader = _data_loader(self._stream, self._num_workers, self._pin_memory)
         readers = self._stream.split.readers_per_rank
         for batch in loader:
             if iteration != self._iterations:
@@ -527,16 +532,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._skipped = {}
-        loader = DataLoader(
-            self._stream,
-            batch_size=None,
-            num_workers=self._num_workers,
-            pin_memory=self._pin_memory,
-            persistent_workers=False,
-            # A private generator: seeding workers must not draw from the global torch RNG, whose
-            # state a resumed run restores exactly.
-            generator=torch.Generator(),
-        )
+        loader = _data_loader(self._stream, self._num_workers, self._pin_memory)
         for batch in loader:
             worker = batch.pop(_WORKER)
             self._skipped[worker] = batch.pop(_SKIPPED)
