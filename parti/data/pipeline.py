@@ -93,7 +93,8 @@ def check_shards_exist(urls: list[str]) -> None:
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards do not exist: {_name_shards(missing)}; "
-            "check the shard pattern"
+            "check the shard pattern, or write them (python -m parti.data.write; the shapes "
+            "demo data: make demo)"
         )
 
 
