@@ -93,8 +93,8 @@ def build_perceptual(backbone: str, weights_path: str | None) -> Perceptual:
         torch.manual_seed(_RANDOM_BACKBONE_SEED)
         net = lpips.LPIPS(
             net="alex" if backbone == "random" else backbone,
-            pretrained=True,
-            pnet_rand=True,
+            pretrained=True,  # the linear heads: files shipped inside the lpips package, no download
+            pnet_rand=True,  # the backbone is never fetched: random, or loaded below from a local path
             verbose=False,
         )
     if backbone != "random":
