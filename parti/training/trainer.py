@@ -298,7 +298,8 @@ class Trainer:
         t, run = self.cfg.trainer, self.run
         logger = RunLogger(run.run_dir, run.dist.is_main, t.steps, self.step, t.progress)
         resumed_from = self.step
-        logger.info(f"run folder {run.run_dir} | world size {run.dist.world_size} | precision "
+        logger.info(f"run folder {run.run_dir} | model {self.cfg.model.name} | data "
+                    f"{self.cfg.data.name} | world size {run.dist.world_size} | precision "
                     f"{run.precision} | accumulation {run.accumulation} | start step {self.step}")
         if self.step == 0:
             # Models were built from the same seed on every rank; from here on each rank draws its
