@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 
 import pytest
@@ -10,7 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from parti.config import validate_vqgan
 from parti.models.quantizer import FactorizedQuantizer
+from parti.training.stage1 import VQGANTask
+from parti.training.trainer import start_run
+from tests.conftest import compose_config, tiny_vqgan_overrides
 
 
 def _quantizer(dim: int = 16, size: int = 32, code_dim: int = 8, **kwargs) -> FactorizedQuantizer:
@@ -18,9 +23,9 @@ def _quantizer(dim: int = 16, size: int = 32, code_dim: int = 8, **kwargs) -> Fa
     return FactorizedQuantizer(dim, size, code_dim, **kwargs)
 
 
-def _identity_quantizer(size: int, window: int = 100) -> FactorizedQuantizer:
+def _identity_quantizer(size: int, window: int = 100, fraction: float = 1.0) -> FactorizedQuantizer:
     """Codes are the one-hot basis and the projection is the identity: input e_k picks code k."""
-    q = FactorizedQuantizer(size, size, size, usage_window=window)
+    q = FactorizedQuantizer(size, size, size, usage_window=window, restart_max_fraction=fraction)
     with torch.no_grad():
         q.proj.weight.copy_(torch.eye(size))
         q.proj.bias.zero_()
@@ -105,7 +110,7 @@ def test_usage_window_slides_and_eval_records_nothing():
 
 
 def test_dead_code_restart_revives_unused_codes():
-    q = _quantizer(dim=16, size=64, code_dim=4)
+    q = _quantizer(dim=16, size=64, code_dim=4, restart_max_fraction=1.0)
     with torch.no_grad():
         q.codebook.copy_(torch.tensor([1.0, 0, 0, 0]).expand(64, 4))  # all codes equal: only 0 wins
     data = torch.randn(8, 32, 16)
@@ -119,6 +124,43 @@ def test_dead_code_restart_revives_unused_codes():
     assert q.restart_dead_codes() < 32
 
 
+def test_restart_caps_the_codes_re_seeded_per_call():
+    q = _quantizer(dim=16, size=64, code_dim=4, restart_max_fraction=0.25)
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([1.0, 0, 0, 0]).expand(64, 4))  # only code 0 wins
+    before = q.codebook.detach().clone()
+    q(torch.randn(8, 32, 16))
+    assert q.restart_dead_codes() == 16  # 63 dead, a quarter of 64 re-seeded
+    changed = (q.codebook != before).any(dim=1)
+    assert int(changed.sum()) == 16 and not changed[0]
+    assert torch.equal(changed.nonzero().squeeze(1), torch.arange(1, 17))  # equally dead: by index
+    assert _quantizer(size=8, restart_max_fraction=0.01).restart_limit == 1  # at least one
+
+
+def test_restart_prefers_the_longest_dead_codes():
+    q = _identity_quantizer(8, fraction=1 / 8)  # one code per call
+    q(_one_hot([0, 1, 2, 3, 4, 5], 8))  # 6 and 7 dead: 6 goes first (tie, lower index)
+    assert q.restart_dead_codes() == 1
+    assert not torch.equal(q.codebook[6], torch.eye(8)[6])
+    assert q.dead_for.tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+    q(_one_hot([0, 1, 3, 4, 5], 8))  # now 2 is newly dead, 7 dead for a second call
+    assert q.restart_dead_codes() == 1
+    assert not torch.equal(q.codebook[7], torch.eye(8)[7])  # the longest dead, not index 2
+    assert torch.equal(q.codebook[2], torch.eye(8)[2])
+    assert q.dead_for[2] == 1 and q.dead_for[7] == 0
+
+
+def test_restarts_stop_after_restart_until(tmp_path):
+    overrides = tiny_vqgan_overrides(tmp_path, tmp_path / "run") + [
+        "model.restart_every=2", "model.restart_until=5", "loss.perceptual_weight=0"]
+    task = VQGANTask(start_run(compose_config("train_vqgan", overrides), validate_vqgan))
+    calls = []
+    task.generator.quantizer.restart_dead_codes = lambda: calls.append(1) or 7
+    restarted = [task._codebook_upkeep(done).get("codebook/restarted") for done in range(1, 11)]
+    assert restarted == [None, 7.0, None, 7.0, None, None, None, None, None, None]
+    assert len(calls) == 2
+
+
 def test_restart_without_recent_outputs_is_a_no_op():
     q = _quantizer()
     codebook = q.codebook.detach().clone()
@@ -130,22 +172,43 @@ def test_statistics_are_buffers_in_the_state_dict():
     q = _quantizer(usage_window=5)
     q(torch.randn(2, 3, 16))
     state = q.state_dict()
-    assert {"window_counts", "window_pos", "recent", "recent_pos"} <= set(state)
+    assert {"window_counts", "window_pos", "recent", "recent_pos", "dead_for"} <= set(state)
     assert state["window_counts"].shape == (5, 32) and int(state["window_pos"]) == 1
     assert {name for name, _ in q.named_parameters()} == {"proj.weight", "proj.bias", "codebook"}
 
 
-def test_bad_usage_window_is_rejected():
+def test_dead_for_round_trips_and_older_state_without_it_loads():
+    q = _identity_quantizer(4)
+    q(_one_hot([0, 0], 4))
+    q.restart_dead_codes()
+    other = _identity_quantizer(4)
+    other.load_state_dict(q.state_dict())
+    assert torch.equal(other.dead_for, q.dead_for)
+    old = {k: v for k, v in q.state_dict().items() if k != "dead_for"}
+    other.load_state_dict(old)
+    assert torch.equal(other.dead_for, torch.zeros(4, dtype=torch.long))
+
+
+def test_bad_usage_window_and_restart_fraction_are_rejected():
     with pytest.raises(ValueError, match="usage_window"):
         FactorizedQuantizer(8, 16, 4, usage_window=0)
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="restart_max_fraction"):
+            FactorizedQuantizer(8, 16, 4, restart_max_fraction=fraction)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails
     try:
         q = _identity_quantizer(4)
         q(_one_hot([rank, rank], 4))  # rank 0 uses code 0, rank 1 code 1
-        results[rank] = (q.usage(), q.restart_dead_codes(), q.codebook.detach().clone())
+        first = (q.usage(), q.restart_dead_codes(), q.codebook.detach().clone())
+        capped = _identity_quantizer(4, fraction=0.25)
+        if rank == 0:  # rank 1 sees no data at all: it must still take part and agree
+            capped(_one_hot([0, 0], 4))
+        second = (capped.restart_dead_codes(), capped.codebook.detach().clone(), capped.dead_for)
+        results[rank] = first + second
     finally:
         dist.destroy_process_group()
 
@@ -155,8 +218,12 @@ def test_restart_under_ddp_sums_counts_and_syncs_the_codebook(tmp_path):
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
-        (usage0, restarted0, book0), (usage1, restarted1, book1) = results[0], results[1]
+        (usage0, restarted0, book0, capped0, cbook0, dead0) = results[0]
+        (usage1, restarted1, book1, capped1, cbook1, dead1) = results[1]
     assert usage0 == usage1 == pytest.approx({"usage": 0.5, "perplexity": 2.0})
     assert restarted0 == restarted1 == 2  # codes 2 and 3: unused on every rank
     assert torch.equal(book0, book1)
     assert torch.equal(book0[:2], torch.eye(4)[:2])
+    assert capped0 == capped1 == 1  # codes 1, 2, 3 dead; one re-seeded: code 1
+    assert torch.equal(cbook0, cbook1) and torch.equal(dead0, dead1)
+    assert torch.equal(cbook0[2:], torch.eye(4)[2:]) and not torch.equal(cbook0[1], torch.eye(4)[1])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from parti.models import discriminator, vitvqgan
 from parti.models.discriminator import Discriminator, DiscriminatorConfig, minibatch_std
 from parti.models.vitvqgan import VitVQGAN, VitVQGANConfig, count_block_params
+from parti.training.ema import EMA
 
 # Block shapes of ViT-VQGAN Table 2 (shared/reference/papers.md): (layers, heads, dim, mlp).
 SIZES = {
@@ -194,6 +195,9 @@ def test_discriminator_without_minibatch_std():
         (dict(beta=-0.1), "model.beta"),
         (dict(dropout=1.0), "model.dropout"),
         (dict(restart_every=-1), "model.restart_every"),
+        (dict(restart_until=-1), "model.restart_until"),
+        (dict(restart_max_fraction=0.0), "model.restart_max_fraction"),
+        (dict(restart_max_fraction=1.5), "model.restart_max_fraction"),
         (dict(usage_window=0), "model.usage_window"),
         (dict(dec_layers=0), "model.dec_layers"),
         (dict(disc=DiscriminatorConfig(channels=64, max_channels=32)), "model.disc.max_channels"),
@@ -211,3 +215,20 @@ def test_validate_names_the_bad_key(change, key):
 def test_validate_accepts_the_defaults():
     vitvqgan.validate(VitVQGANConfig())
     discriminator.validate(DiscriminatorConfig())
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    model = _model().train()
+    ema = EMA(model, decay=0.5)
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)  # records code usage and recent vectors (buffers)
+    model.quantizer.restart_dead_codes()  # moves codebook rows and dead_for
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for name, p in ema.model.named_parameters():
+        assert torch.allclose(p, (start[name] + dict(model.named_parameters())[name]) / 2), name
+    for name, b in ema.model.named_buffers():
+        assert torch.equal(b, dict(model.named_buffers())[name]), name
+    assert int(ema.model.quantizer.recent_pos) > 0 and ema.model.quantizer.dead_for.any()

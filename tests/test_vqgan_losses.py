@@ -9,12 +9,16 @@ import pytest
 import torch
 import torchvision
 
+from parti.config import validate_vqgan
 from parti.losses import vqgan
 from parti.losses.perceptual import Perceptual, build_perceptual, lpips_distance
 from parti.losses.vqgan import VQGANLoss, VQGANLossConfig
 from parti.models.discriminator import Discriminator, DiscriminatorConfig
 from parti.models.quantizer import QuantizerOutput
 from parti.models.vitvqgan import VitVQGAN, VitVQGANConfig
+from parti.training.stage1 import VQGANTask
+from parti.training.trainer import start_run
+from tests.conftest import compose_config, tiny_vqgan_overrides
 
 SIZE = 32
 
@@ -38,6 +42,18 @@ def make_loss(perceptual, monkeypatch):
 def _disc() -> Discriminator:
     torch.manual_seed(0)
     return Discriminator(DiscriminatorConfig(channels=8, max_channels=16), SIZE)
+
+
+class CountingDisc(torch.nn.Module):
+    """A discriminator that counts its forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.disc, self.calls = _disc(), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.disc(x)
 
 
 def _quant() -> QuantizerOutput:
@@ -108,6 +124,48 @@ def test_gan_terms_switch_on_at_disc_start(make_loss):
     out = loss.discriminator_loss(x, y, step=100, disc=disc, disc_step=0)
     assert out["disc_loss"] > 0 and "r1" not in out
     assert not make_loss(adversarial_weight=0.0, disc_start=0).gan_active(10)
+
+
+def test_adversarial_weight_waits_for_the_warmup_then_ramps_linearly(make_loss):
+    loss = make_loss(disc_start=100, disc_warmup=10, perceptual_weight=0.0)
+    scales = {step: loss.adversarial_scale(step) for step in (0, 99, 100, 105, 110, 111, 115, 120, 500)}
+    assert scales == {0: 0.0, 99: 0.0, 100: 0.0, 105: 0.0, 110: 0.0, 111: 0.1, 115: 0.5,
+                      120: 1.0, 500: 1.0}
+    assert not loss.gan_active(99) and loss.gan_active(100)  # the discriminator trains from 100
+    x, y, disc = _images(0), _images(1), CountingDisc()
+    for step in (99, 105, 110):
+        out = loss.generator_loss(x, y, _quant(), step=step, disc=disc)
+        assert out["adversarial"] == 0 and torch.allclose(out["total"], out["l2"] + out["quantizer"])
+    assert disc.calls == 0  # no discriminator forward until the generator's term is on
+    for step, scale in ((115, 0.5), (120, 1.0), (300, 1.0)):
+        out = loss.generator_loss(x, y, _quant(), step=step, disc=disc)
+        assert out["adversarial_scale"] == scale and out["adversarial"] != 0
+        expected = out["l2"] + out["quantizer"] + 0.1 * scale * out["adversarial"]
+        assert torch.allclose(out["total"], expected)
+    assert disc.calls == 3
+    assert make_loss(disc_start=100).adversarial_scale(100) == 1.0  # no warmup: on at once
+
+
+def test_stage1_runs_no_discriminator_before_disc_start(tmp_path):
+    overrides = tiny_vqgan_overrides(tmp_path, tmp_path / "run") + [
+        "loss.disc_start=2", "loss.disc_warmup=2", "loss.perceptual_weight=0",
+        "model.restart_every=0"]
+    task = VQGANTask(start_run(compose_config("train_vqgan", overrides), validate_vqgan))
+    disc = task.units["disc"].module
+    calls = []
+    disc.register_forward_hook(lambda module, args, output: calls.append(1))
+    batch = [{"image": _images(0)}]
+    seen = []
+    for step in range(7):
+        before = len(calls)
+        out = task.train_step(batch, step)
+        seen.append((len(calls) - before, out.get("train/adversarial_scale")))
+        if step < 2:
+            assert all(p.grad is None for p in disc.parameters())
+            assert not task.units["disc"].optimizer.state
+    # before 2: nothing; 2-4: the discriminator's real + fake forwards; then the generator's too
+    assert seen == [(0, None), (0, None), (2, 0.0), (2, 0.0), (2, 0.0), (3, 0.5), (3, 1.0)]
+    assert task.disc_steps == 5
 
 
 def test_hinge_and_non_saturating_losses():
@@ -259,6 +317,7 @@ def test_alexnet_state_dict_loads_from_a_local_path(monkeypatch, tmp_path):
         (dict(perceptual_backbone="vgg"), "loss.perceptual_weights"),
         (dict(r1_every=0), "loss.r1_every"),
         (dict(disc_start=-5), "loss.disc_start"),
+        (dict(disc_warmup=-1), "loss.disc_warmup"),
         (dict(l2_weight=0.0, perceptual_weight=0.0), "loss.l2_weight"),
     ],
 )

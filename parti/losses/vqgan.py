@@ -29,7 +29,8 @@ class VQGANLossConfig:
     perceptual_backbone: str = "random"  # random | alex | vgg ; random = seeded random backbone
     perceptual_weights: str | None = None  # alex/vgg: local torchvision state_dict path
     adversarial_weight: float = 0.1  # generator's GAN term
-    disc_start: int = 2000  # generator/discriminator GAN terms switch on at this step
+    disc_start: int = 2000  # the discriminator starts training at this step
+    disc_warmup: int = 0  # D trains alone this long, then G's GAN term ramps in over as long
     disc_loss: str = "hinge"  # hinge | non_saturating
     r1_weight: float = 0.0  # R1 gradient penalty weight (0 = off)
     r1_every: int = 16  # lazy R1: apply every k discriminator steps (scaled by k)
@@ -75,6 +76,7 @@ def validate(cfg: VQGANLossConfig | Any, prefix: str = "loss.") -> None:
         f"set {prefix}perceptual_weights=/path/to/weights.pth (or perceptual_backbone=random)",
     )
     _check(cfg.disc_start >= 0, prefix + "disc_start", f"{cfg.disc_start} must be >= 0")
+    _check(cfg.disc_warmup >= 0, prefix + "disc_warmup", f"{cfg.disc_warmup} must be >= 0")
     _check(
         cfg.disc_loss in DISC_LOSSES,
         prefix + "disc_loss",
@@ -129,8 +131,22 @@ class VQGANLoss(nn.Module):
         )
 
     def gan_active(self, step: int) -> bool:
-        """Whether the GAN terms are on: adversarial_weight > 0 and step >= disc_start."""
+        """Whether the discriminator trains: adversarial_weight > 0 and step >= disc_start."""
         return self.cfg.adversarial_weight > 0 and step >= self.cfg.disc_start
+
+    def adversarial_scale(self, step: int) -> float:
+        """Fraction in [0, 1] of adversarial_weight that the generator's GAN term gets at `step`.
+
+        0 until disc_start + disc_warmup (a fresh discriminator's gradients would wreck the
+        reconstructions), then linear up to 1 at disc_start + 2 * disc_warmup. With disc_warmup 0
+        it is 1 from disc_start on.
+        """
+        if not self.gan_active(step):
+            return 0.0
+        warmup = self.cfg.disc_warmup
+        if warmup == 0:
+            return 1.0
+        return min(1.0, max(0.0, (step - self.cfg.disc_start - warmup) / warmup))
 
     def generator_loss(
         self,
@@ -144,9 +160,10 @@ class VQGANLoss(nn.Module):
         """Tokenizer loss on images/recon (B, C, H, W) in [-1, 1].
 
         Keys: l2, l1 and logit_laplace (when weighted), perceptual (when weighted), adversarial
-        (0 before disc_start), adaptive_weight (when configured and active), codebook, commitment,
-        quantizer (codebook + beta * commitment), total. `last_layer` is required when
-        adaptive_weight is on.
+        (0, and no discriminator call, while `adversarial_scale(step)` is 0), adversarial_scale
+        (once the discriminator trains), adaptive_weight (when configured and the term is on),
+        codebook, commitment, quantizer (codebook + beta * commitment), total. `last_layer` is
+        required when adaptive_weight is on.
         """
         cfg = self.cfg
         images, recon = images.float(), recon.float()
@@ -162,8 +179,11 @@ class VQGANLoss(nn.Module):
             out["perceptual"] = self.perceptual(images, recon).mean()
             rec = rec + cfg.perceptual_weight * out["perceptual"]
         adversarial = recon.new_zeros(())
-        weight = recon.new_tensor(cfg.adversarial_weight)
+        scale = self.adversarial_scale(step)
+        weight = recon.new_tensor(cfg.adversarial_weight * scale)
         if self.gan_active(step):
+            out["adversarial_scale"] = recon.new_tensor(scale)
+        if scale > 0:
             adversarial = generator_adversarial(disc(recon), cfg.disc_loss)
             if cfg.adaptive_weight:
                 if last_layer is None:

@@ -41,7 +41,8 @@ class FactorizedQuantizer(nn.Module):
 
     In training mode every forward adds its code counts to a sliding window of the last
     `usage_window` forwards (`usage()` reads it) and keeps the batch's projected vectors in a ring
-    of recent encoder outputs (`restart_dead_codes()` re-seeds unused codes from it). Both are
+    of recent encoder outputs (`restart_dead_codes()` re-seeds unused codes from it, at most
+    `restart_max_fraction` of the codebook per call). These and each code's `dead_for` count are
     buffers, so they are checkpointed with the model.
     """
 
@@ -52,17 +53,24 @@ class FactorizedQuantizer(nn.Module):
         code_dim: int,
         beta: float = 0.25,
         usage_window: int = 100,
+        restart_max_fraction: float = 0.25,
     ):
         super().__init__()
         if usage_window < 1:
             raise ValueError(f"usage_window must be >= 1, got {usage_window}")
+        if not 0 < restart_max_fraction <= 1:
+            raise ValueError(f"restart_max_fraction must be in (0, 1], got {restart_max_fraction}")
         self.beta = beta
+        # Codes re-seeded per restart: a cap lets the codebook settle instead of churning.
+        self.restart_limit = max(1, int(restart_max_fraction * codebook_size))
         self.proj = nn.Linear(dim, code_dim)
         self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
         self.register_buffer("window_counts", torch.zeros(usage_window, codebook_size))
         self.register_buffer("window_pos", torch.zeros((), dtype=torch.long))
         self.register_buffer("recent", torch.zeros(codebook_size, code_dim))
         self.register_buffer("recent_pos", torch.zeros((), dtype=torch.long))
+        # Consecutive restart calls in which each code went unused (0 once used or re-seeded).
+        self.register_buffer("dead_for", torch.zeros(codebook_size, dtype=torch.long))
 
     @property
     def codebook_size(self) -> int:
@@ -154,24 +162,49 @@ class FactorizedQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self) -> int:
-        """Re-seed every code unused in the window from recent encoder outputs; reset the window.
+        """Re-seed codes unused in the window from recent encoder outputs; reset the window.
 
-        Returns the number of codes re-seeded (0 before any training forward). Under
-        torch.distributed the counts are summed over ranks first and rank 0's new entries are
-        broadcast, so every rank keeps the same codebook: call it on every rank.
+        At most `restart_limit` codes per call, those unused for the most consecutive calls first
+        (ties: lowest index), so codes that never won a vector go before ones that just went quiet.
+        Returns the number re-seeded (0 when the window is empty: no evidence of dead codes).
+        Under torch.distributed the counts are summed over ranks and rank 0's new entries are
+        broadcast: every rank takes the same decisions and runs the same collectives, so call it on
+        every rank.
         """
-        dead = (self._window_totals() == 0).nonzero().squeeze(1)  # (D,)
-        filled = int(min(int(self.recent_pos), self.recent.shape[0]))
+        totals = self._window_totals()
         restarted = 0
-        if len(dead) and filled:
-            if filled >= len(dead):
-                source = torch.randperm(filled, device=dead.device)[: len(dead)]
-            else:
-                source = torch.randint(filled, (len(dead),), device=dead.device)
-            new = self.recent[source] + _RESTART_NOISE * torch.randn_like(self.recent[source])
+        if totals.sum() > 0:
+            dead = totals == 0
+            self.dead_for.add_(1).masked_fill_(~dead, 0)
+            restarted = min(int(dead.sum()), self.restart_limit)
+        if restarted:
+            # Dead codes have dead_for >= 1 and live ones 0, so the first `restarted` are dead.
+            order = torch.sort(self.dead_for, descending=True, stable=True).indices
+            chosen = order[:restarted]
+            new = self._seeds(restarted)
             if _distributed():
                 dist.broadcast(new, src=0)
-            self.codebook[dead] = new.to(self.codebook.dtype)
-            restarted = len(dead)
+            self.codebook[chosen] = new.to(self.codebook.dtype)
+            self.dead_for[chosen] = 0
         self.reset_usage()
         return restarted
+
+    def _seeds(self, n: int) -> Tensor:
+        """n new entries (n, code_dim): recent encoder outputs plus a little noise.
+
+        Only rank 0's are used under torch.distributed; the other ranks return a receive buffer.
+        """
+        if _distributed() and dist.get_rank() != 0:
+            return self.recent.new_empty(n, self.code_dim)
+        filled = int(min(int(self.recent_pos), self.recent.shape[0]))
+        device = self.recent.device
+        if filled >= n:
+            source = torch.randperm(filled, device=device)[:n]
+        else:
+            source = torch.randint(filled, (n,), device=device)
+        return self.recent[source] + _RESTART_NOISE * torch.randn_like(self.recent[source])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept state saved before `dead_for` existed: every code then starts at 0."""
+        state_dict.setdefault(prefix + "dead_for", torch.zeros_like(self.dead_for))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -39,6 +39,8 @@ class VitVQGANConfig:
     beta: float = 0.25  # commitment weight
     dropout: float = 0.0  # attention, MLP and residual dropout in both stacks
     restart_every: int = 100  # dead-code restart interval in steps (0 = off); read by the trainer
+    restart_until: int = 0  # last step that may restart dead codes, so the book settles (0 = no end)
+    restart_max_fraction: float = 0.25  # cap on codes re-seeded per restart, longest-dead first
     usage_window: int = 100  # training forwards over which code usage statistics are accumulated
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)  # GAN discriminator
 
@@ -88,6 +90,16 @@ def validate(cfg: VitVQGANConfig | Any, prefix: str = "model.") -> None:
         cfg.restart_every >= 0,
         prefix + "restart_every",
         f"{cfg.restart_every} must be >= 0 (0 = off)",
+    )
+    _check(
+        cfg.restart_until >= 0,
+        prefix + "restart_until",
+        f"{cfg.restart_until} must be >= 0 (0 = restart until the end)",
+    )
+    _check(
+        0 < cfg.restart_max_fraction <= 1,
+        prefix + "restart_max_fraction",
+        f"{cfg.restart_max_fraction} must be in (0, 1]",
     )
     discriminator.validate_image_size(cfg.image_size, prefix + "image_size")
     discriminator.validate(cfg.disc, prefix + "disc.")
@@ -183,7 +195,12 @@ class VitVQGAN(nn.Module):
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg)
         self.quantizer = FactorizedQuantizer(
-            cfg.enc_dim, cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.usage_window
+            cfg.enc_dim,
+            cfg.codebook_size,
+            cfg.code_dim,
+            cfg.beta,
+            cfg.usage_window,
+            cfg.restart_max_fraction,
         )
         self.decoder = ViTDecoder(cfg)
         self.apply(_init_weights)

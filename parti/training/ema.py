@@ -9,7 +9,11 @@ from torch import nn
 
 
 class EMA:
-    """`shadow = decay * shadow + (1 - decay) * weights` after every optimizer step."""
+    """`shadow = decay * shadow + (1 - decay) * weights` after every optimizer step.
+
+    Only parameters are averaged. Buffers are copied: they are statistics, counters and rings
+    (e.g. the quantizer's usage window and dead-code counts), whose average means nothing.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -17,13 +21,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        current = model.state_dict()
-        for name, shadow in self.model.state_dict().items():
-            value = current[name].detach()
-            if shadow.dtype.is_floating_point:
-                shadow.lerp_(value.to(shadow.dtype), 1 - self.decay)
-            else:
-                shadow.copy_(value)
+        params = dict(model.named_parameters())
+        for name, shadow in self.model.named_parameters():
+            shadow.lerp_(params[name].detach().to(shadow.dtype), 1 - self.decay)
+        buffers = dict(model.named_buffers())
+        for name, shadow in self.model.named_buffers():
+            shadow.copy_(buffers[name])
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

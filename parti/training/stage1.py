@@ -1,7 +1,9 @@
 """Stage 1 on the shared trainer: ViT-VQGAN generator and discriminator, two optimizers.
 
 Each step updates the generator on all micro-batches, then (once `loss.disc_start` is reached)
-the discriminator on the same images and the generator's detached reconstructions.
+the discriminator on the same images and the generator's detached reconstructions. Before
+`disc_start` no discriminator forward or backward runs at all; the generator's adversarial term
+only starts `loss.disc_warmup` steps later and ramps in (`VQGANLoss.adversarial_scale`).
 """
 
 from __future__ import annotations
@@ -89,12 +91,16 @@ class VQGANTask(Task):
         return out
 
     def _codebook_upkeep(self, done: int) -> dict[str, float]:
-        """Usage statistics every usage_window steps; dead-code restart every restart_every."""
-        quantizer, out = self.generator.quantizer, {}
-        if done % self.model_cfg.usage_window == 0:
+        """Usage statistics every usage_window steps; dead-code restart every restart_every.
+
+        Restarts stop after step restart_until (when set) so the codebook can settle. `done` is
+        the same on every rank, so every rank makes the same collective calls.
+        """
+        cfg, quantizer, out = self.model_cfg, self.generator.quantizer, {}
+        if done % cfg.usage_window == 0:
             out.update({f"codebook/{k}": v for k, v in quantizer.usage().items()})
-        every = self.model_cfg.restart_every
-        if every and done % every == 0:
+        restarting = not cfg.restart_until or done <= cfg.restart_until
+        if cfg.restart_every and done % cfg.restart_every == 0 and restarting:
             out["codebook/restarted"] = float(quantizer.restart_dead_codes())
         return out
 
