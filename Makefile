@@ -25,11 +25,7 @@ test-fast: install  ## the test suite without the slow tests
 SHAPES := data/shapes
 
 demo: install  ## shapes shards -> text tokenizer -> stage 1 -> token shards -> stage 2 -> samples + metrics
-	$(PY) -m parti.data.write --from-shapes 20000 --seed 0 --per-shard 2500 --prefix train --out $(SHAPES)
-	$(PY) -m parti.data.write --from-shapes 512 --seed 1 --per-shard 512 --prefix eval --out $(SHAPES)
-	@# BPE: on this tiny caption grammar SentencePiece's unigram model is capped at ~50 sub-word pieces
-	$(PY) -m parti.text.train --shards '$(SHAPES)/train-{00000..00007}.tar' --out $(SHAPES)/text \
-		--vocab-size 512 --model-type bpe
+	$(PY) -m parti.data.shapes_dataset --out $(SHAPES)
 	$(PY) train_vqgan.py experiment=demo_vqgan
 	$(PY) -m parti.data.tokenize --shards '$(SHAPES)/train-{00000..00007}.tar::$(SHAPES)/eval-00000.tar' \
 		--tokenizer outputs/demo/vqgan/export --out $(SHAPES)/tokens

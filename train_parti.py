@@ -7,24 +7,29 @@
         tokenizer.ckpt=outputs/vqgan/<run>/export
     python train_parti.py data.encode_on_the_fly=true       # encode image shards with the tokenizer
 
-Reads top to bottom: setup, build, resume, loop, export.
+Reads top to bottom: setup, first-run data, build, resume, loop, export.
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from parti.config import register_configs, validate_parti
+from parti.data.shapes_dataset import prepare_shapes
 from parti.training import distributed
 from parti.training.checkpoint import export_weights
 from parti.training.stage2 import PartiTask
 from parti.training.trainer import Trainer, start_run
 
 register_configs()
+MAKE_TOKENIZER = ("Train an image tokenizer first: python train_vqgan.py experiment=demo_vqgan "
+                  "writes outputs/demo/vqgan/export (the default), or pass "
+                  "tokenizer.ckpt=<run>/export of any stage-1 run")
 
 
 @hydra.main(config_path="conf", config_name="train_parti", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    run = start_run(cfg, validate_parti)
+    run = start_run(cfg, validate_parti, inputs={"tokenizer.ckpt": MAKE_TOKENIZER})
+    prepare_shapes(cfg.data, run.dist)  # data.generate: write the shapes data set if missing
     task = PartiTask(run)
     trainer = Trainer(run, task)
     trainer.resume()

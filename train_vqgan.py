@@ -7,13 +7,14 @@
         data.eval_shards=/data/val.tar loss.perceptual_backbone=vgg loss.perceptual_weights=/w/vgg16.pth
     python train_vqgan.py run_dir=outputs/vqgan/2026-11-28_10-00-00   # continue that run (resume=auto)
 
-Reads top to bottom: setup, build, resume, loop, export.
+Reads top to bottom: setup, first-run data, build, resume, loop, export.
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from parti.config import register_configs, validate_vqgan
+from parti.data.shapes_dataset import prepare_shapes
 from parti.training import distributed
 from parti.training.checkpoint import export_weights
 from parti.training.stage1 import VQGANTask
@@ -25,6 +26,7 @@ register_configs()
 @hydra.main(config_path="conf", config_name="train_vqgan", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     run = start_run(cfg, validate_vqgan)
+    prepare_shapes(cfg.data, run.dist)  # data.generate: write the shapes data set if missing
     task = VQGANTask(run)
     trainer = Trainer(run, task)
     trainer.resume()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -18,6 +19,7 @@ from parti.models import parti as parti_model
 from parti.models import vitvqgan
 from parti.models.parti import PartiConfig
 from parti.models.vitvqgan import VitVQGANConfig
+from parti.sampling import SamplingConfig, validate_sampling
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "adafactor")
@@ -41,6 +43,7 @@ class DataConfig:
     shards_per_block: int = 4             # shards interleaved per resampling block (see pipeline)
     shuffle_buffer: int = 1000            # raw samples in the shuffle buffer
     eval_samples: int = 256               # held-out samples used by each evaluation
+    generate: bool = False                # write the shapes data set where the shards point, on first use
 
 
 @dataclass
@@ -94,7 +97,21 @@ class SampleDuringTraining:
     prompts: list[str] = field(default_factory=list)
     temperature: float = 1.0
     top_k: int = 0
+    top_p: float = 1.0
     guidance: float = 1.0
+
+
+@dataclass
+class GenerationEval:
+    """Samples for held-out captions scored by the shapes judge at each stage-2 evaluation."""
+
+    n: int = 64                           # held-out captions sampled per evaluation (0 = off)
+    guidance: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    candidates: int = 1                   # >1: also the reranked rows (best of K by the model's score)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -125,6 +142,7 @@ class PartiTrainConfig:
     model: PartiConfig = field(default_factory=PartiConfig)
     tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
     sample: SampleDuringTraining = field(default_factory=SampleDuringTraining)
+    eval: GenerationEval = field(default_factory=GenerationEval)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -182,6 +200,9 @@ def validate_data(cfg: DataConfig | Any, stage: int) -> None:
     _check(cfg.shards_per_block >= 1, "data.shards_per_block", f"{cfg.shards_per_block} must be >= 1")
     _check(cfg.shuffle_buffer >= 1, "data.shuffle_buffer", f"{cfg.shuffle_buffer} must be >= 1")
     _check(cfg.eval_samples >= 1, "data.eval_samples", f"{cfg.eval_samples} must be >= 1")
+    _check(not cfg.generate or not urlparse(cfg.train_shards).scheme, "data.generate",
+           f"writes the shapes data set next to data.train_shards, which must be a local path, "
+           f"not {cfg.train_shards!r}; set data.generate=false for other shards")
     if stage == 2:
         _check(bool(cfg.text_tokenizer), "data.text_tokenizer",
                "stage 2 needs a SentencePiece model: python -m parti.text.train --shards ... --out ...")
@@ -215,9 +236,14 @@ def validate_parti(cfg: PartiTrainConfig | DictConfig, world_size: int = 1) -> N
     _check(bool(cfg.tokenizer.ckpt), "tokenizer.ckpt",
            "is empty: train a tokenizer with python train_vqgan.py and pass "
            "tokenizer.ckpt=<run>/export (or a checkpoint folder)")
-    _check(cfg.sample.temperature > 0, "sample.temperature", f"{cfg.sample.temperature} must be > 0")
-    _check(cfg.sample.top_k >= 0, "sample.top_k", f"{cfg.sample.top_k} must be >= 0")
-    _check(cfg.sample.guidance >= 0, "sample.guidance", f"{cfg.sample.guidance} must be >= 0")
+    s = cfg.sample
+    validate_sampling(SamplingConfig(s.guidance, s.temperature, s.top_k, s.top_p), "sample.")
+    e = cfg.eval
+    _check(e.n >= 0, "eval.n", f"{e.n} must be >= 0 (0 = no generation evaluation)")
+    _check(len(e.guidance) > 0, "eval.guidance", "needs at least one guidance scale")
+    for guidance in e.guidance:
+        validate_sampling(SamplingConfig(guidance, e.temperature, e.top_k, e.top_p, e.candidates),
+                          "eval.")
     _check_resume(cfg.resume)
 
 

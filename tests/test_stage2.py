@@ -133,13 +133,44 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
     export = export_weights(tmp_path / "run" / "export", trainer.eval_model.state_dict(),
                             task.export_config())
     root = Path(__file__).resolve().parent.parent
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square at the top left\n")
     done = subprocess.run(
-        [sys.executable, "sample.py", f"ckpt={export}", "prompts=[a red circle,a blue square]",
-         "samples_per_prompt=2", f"out={tmp_path}/grid.png"],
+        [sys.executable, "sample.py", f"ckpt={export}", f"prompts_file={tmp_path}/prompts.txt",
+         "samples_per_prompt=2", "candidates=2", "top_p=0.9", "batch_size=3",
+         f"out={tmp_path}/samples"],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "grid.png").stat().st_size > 0
+    written = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert written == ["000_a_red_circle_0.png", "000_a_red_circle_1.png",
+                       "001_a_blue_square_at_the_top_left_0.png",
+                       "001_a_blue_square_at_the_top_left_1.png", "grid.png"]
     assert "shapes judge" in done.stdout and "color=" in done.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["prompts=[]"], "no prompts to sample: prompts is empty"),
+    (["guidance=-1"], "config error: guidance: -1.0 must be >= 0"),
+    (["temperature=0"], "config error: temperature: 0.0 must be > 0"),
+    (["top_k=-2"], "config error: top_k: -2 must be >= 0"),
+    (["top_p=1.5"], "config error: top_p: 1.5 must be in"),
+    (["ckpt=/nowhere"], "/nowhere does not exist"),
+])
+def test_sample_py_names_each_bad_input(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "sample.py", *args, f"out={tmp_path}"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_a_tokenizer_is_not_a_stage2_checkpoint(tiny_tokenizer):
+    from parti.models.loading import load_parti
+
+    with pytest.raises(ValueError, match="holds a 'vitvqgan' model, not a parti model"):
+        load_parti(tiny_tokenizer)
 
 
 def test_tokenizer_evaluation_command(shapes_dir, tiny_tokenizer, capsys):

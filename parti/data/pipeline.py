@@ -93,8 +93,9 @@ def check_shards_exist(urls: list[str]) -> None:
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shards do not exist: {_name_shards(missing)}; "
-            "check the shard pattern, or write them (python -m parti.data.write; the shapes "
-            "demo data: make demo)"
+            "check the shard pattern, or write them (image shards: python -m parti.data.write; "
+            "stage-2 token shards: python -m parti.data.tokenize --shards ... --tokenizer "
+            "<stage-1 export> --out ...; the whole shapes demo: make demo)"
         )
 
 

@@ -13,14 +13,18 @@ from parti.models.vitvqgan import VitVQGAN, VitVQGANConfig
 from parti.text.tokenizer import TextTokenizer
 from parti.training.checkpoint import load_export
 
+VALID_FOLDER = ("A model folder is a run's export/ (model.safetensors + config.yaml) or one of its "
+                "checkpoints/step-N/ (state.pt + COMPLETE).")
+
 
 def _load(path: Path, kind: str, schema: type, build: type[nn.Module], device, how: str):
     """The `kind` model stored at `path`, in eval mode with gradients off, and its export config."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist. {how}")
+        raise FileNotFoundError(f"{path} does not exist. {VALID_FOLDER} {how}")
     weights, config = load_export(path)
     if config.get("kind") != kind:
-        raise ValueError(f"{path} holds a {config.get('kind')!r} model, not a {kind} model")
+        raise ValueError(f"{path} holds a {config.get('kind')!r} model, not a {kind} model. "
+                         f"{how}")
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), config["model"]))
     model = build(model_cfg)
     model.load_state_dict(weights)
@@ -29,7 +33,7 @@ def _load(path: Path, kind: str, schema: type, build: type[nn.Module], device, h
 
 def load_image_tokenizer(path: str | Path, device: torch.device | str = "cpu") -> VitVQGAN:
     """The frozen stage-1 ViT-VQGAN of an export or checkpoint folder."""
-    how = ("Train a tokenizer first (python train_vqgan.py; `make demo` writes "
+    how = ("Train a tokenizer first (python train_vqgan.py experiment=demo_vqgan writes "
            "outputs/demo/vqgan/export) and pass its <run>/export folder or a "
            "<run>/checkpoints/step-N folder")
     return _load(Path(path), "vitvqgan", VitVQGANConfig, VitVQGAN, device, how)[0]
@@ -37,7 +41,7 @@ def load_image_tokenizer(path: str | Path, device: torch.device | str = "cpu") -
 
 def load_parti(path: str | Path, device: torch.device | str = "cpu"):
     """(Parti model, text tokenizer, image tokenizer) from a stage-2 export or checkpoint folder."""
-    how = ("Train stage 2 first (python train_parti.py; `make demo` writes "
+    how = ("Train stage 2 first (python train_parti.py experiment=demo_parti writes "
            "outputs/demo/parti/export) and pass its export or checkpoints/step-N folder")
     model, config = _load(Path(path), "parti", PartiConfig, Parti, device, how)
     return model, TextTokenizer(config["text_tokenizer"]), load_image_tokenizer(

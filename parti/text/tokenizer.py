@@ -65,6 +65,10 @@ class TextTokenizer:
         mask = torch.arange(max_len) < lengths[:, None]  # (B, max_len)
         return ids, mask
 
+    def overflow(self, texts: Sequence[str], max_len: int) -> list[int]:
+        """Per caption, how many pieces `encode(texts, max_len)` drops to fit BOS and EOS."""
+        return [max(0, len(seq) - (max_len - 2)) for seq in self._sp.encode(list(texts))]
+
     def decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Text of each row of ids (B, T); pad, bos and eos are dropped."""
         rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(row) for row in ids]

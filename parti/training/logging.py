@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from parti.eval.grid import labelled_grid
+
 log = logging.getLogger("parti")
+
+
+def flatten_hparams(config: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested config -> {"model.dim": 128, ...}: numbers, strings and bools as they are, the rest
+    (lists, None) as strings."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_hparams(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return flat
 
 
 class RunLogger:
@@ -53,9 +71,26 @@ class RunLogger:
                              normalize=True, value_range=(-1, 1))
             self.writer.add_image(tag, grid, step)
 
+    def labelled_images(self, tag: str, images: torch.Tensor, labels: Sequence[str],
+                        step: int) -> None:
+        """images: (len(labels) * K, 3, H, W) in [-1, 1]; K per row, each row headed by its label."""
+        if self.writer is not None:
+            grid = labelled_grid(images, labels, per_row=len(images) // max(1, len(labels)))
+            self.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
+
+    def hparams(self, config: dict, metrics: dict[str, float]) -> None:
+        """The run's flattened config with its final metrics, for TensorBoard's HPARAMS tab.
+
+        Written into `<run>/tb` itself (not a sub-run as `add_hparams` does), so the metrics are
+        the run's own `eval/...` scalars and the runs of a sweep line up side by side.
+        """
+        if self.writer is not None:
+            for summary in hparams_summaries(flatten_hparams(config), metrics):
+                self.writer.file_writer.add_summary(summary)
 
     def progress(self, step: int, postfix: dict[str, float]) -> None:
         if self.bar is not None:

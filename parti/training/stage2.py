@@ -15,10 +15,11 @@ from torch import Tensor, nn
 from parti.config import to_container
 from parti.data.pipeline import build_eval_loader, build_train_loader, expand_urls
 from parti.data.transforms import ImageDecoder, TokenDecoder
+from parti.eval.generation import sampled_judge_metrics
 from parti.eval.tokenizer import limited
 from parti.models.loading import load_image_tokenizer
 from parti.models.parti import Parti
-from parti.sampling import generate_images
+from parti.sampling import SamplingConfig, generate
 from parti.text.tokenizer import TextTokenizer
 from parti.training import distributed
 from parti.training.logging import RunLogger
@@ -117,12 +118,15 @@ class PartiTask(Task):
                     "skipped": scalars["skipped"]})
         return out
 
+    def _eval_loader(self):
+        cfg, dist = self.run.cfg, self.run.dist
+        return build_eval_loader(self._shards(train=False), self._decoder(train=False),
+                                 batch_size=cfg.trainer.micro_batch, rank=dist.rank,
+                                 world_size=dist.world_size, num_workers=0)
+
     def _eval_batches(self):
         cfg, dist = self.run.cfg, self.run.dist
-        loader = build_eval_loader(self._shards(train=False), self._decoder(train=False),
-                                   batch_size=cfg.trainer.micro_batch, rank=dist.rank,
-                                   world_size=dist.world_size, num_workers=0)
-        return limited(loader, max(1, cfg.data.eval_samples // dist.world_size))
+        return limited(self._eval_loader(), max(1, cfg.data.eval_samples // dist.world_size))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -167,6 +171,26 @@ class PartiTask(Task):
             metrics[f"eval/caption_gain_vs_{other}_nats_per_image"] = gap * tokens_per_image
             metrics[f"eval/true_beats_{other}"] = sums[f"true_beats_{other}"] / n
         metrics["eval/perplexity"] = float(torch.tensor(metrics["eval/loss_true_caption"]).exp())
+        metrics.update(self._judge_samples(model))
+        return metrics
+
+    def _judge_samples(self, model: nn.Module) -> dict[str, float]:
+        """`eval/judge_*`: the shapes judge on samples for this rank's share of eval.n captions."""
+        e, dist = self.run.cfg.eval, self.run.dist
+        if e.n == 0:
+            return {}
+        captions = [c for batch in limited(self._eval_loader(), -(-e.n // dist.world_size))
+                    for c in batch["caption"]]
+        settings = [SamplingConfig(g, e.temperature, e.top_k, e.top_p, k)
+                    for k in sorted({1, e.candidates}) for g in e.guidance]
+        was_training = model.training
+        model.eval()
+        with self.run.autocast():
+            metrics = sampled_judge_metrics(
+                model, self.text_tokenizer, self.image_tokenizer, captions, settings, e.seed,
+                self.run.cfg.trainer.micro_batch,
+                reduce=lambda sums: distributed.sum_dicts(sums, self.run.device))
+        model.train(was_training)
         return metrics
 
     def log_images(self, model: nn.Module, logger: RunLogger, step: int) -> None:
@@ -176,13 +200,12 @@ class PartiTask(Task):
         s = self.run.cfg.sample
         was_training = model.training
         model.eval()
-        generator = torch.Generator(self.run.device).manual_seed(step)
+        sampling = SamplingConfig(s.guidance, s.temperature, s.top_k, s.top_p)
         with self.run.autocast():
-            images = generate_images(model, self.text_tokenizer, self.image_tokenizer, prompts,
-                                     s.guidance, s.temperature, s.top_k, generator)
+            images = generate(model, self.text_tokenizer, self.image_tokenizer, prompts, sampling,
+                              seed=step).images
         model.train(was_training)
-        logger.images("samples/prompts", images, step, nrow=len(prompts))
-        logger.text("samples/prompts", "\n".join(f"{i}. {p}" for i, p in enumerate(prompts)), step)
+        logger.labelled_images("samples/prompts", images, prompts, step)
 
     def export_config(self) -> dict:
         return {"kind": "parti", "model": to_container(self.run.cfg.model),

@@ -13,7 +13,7 @@ import json
 import math
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -97,9 +97,14 @@ def _save_config(cfg: DictConfig, run_dir: Path) -> None:
         (run_dir / f"config.{stamp}.yaml").write_text(text)
 
 
-def start_run(cfg: DictConfig, validate: Callable[[DictConfig, int], None]) -> Run:
-    """Join the process group, check the config for this world size, seed, choose the run folder."""
-    dist = init_and_validate(cfg, validate)
+def start_run(cfg: DictConfig, validate: Callable[[DictConfig, int], None],
+              inputs: Mapping[str, str] | None = None) -> Run:
+    """Join the process group, check the config for this world size, seed, choose the run folder.
+
+    `inputs` maps config keys naming files the run reads but cannot make to how to make each;
+    a missing one stops every rank here, before any work.
+    """
+    dist = init_and_validate(cfg, validate, inputs or {})
     torch.manual_seed(cfg.trainer.seed)
     precision = resolve_precision(cfg.trainer.precision, dist.device)
     run_dir = resolve_run_dir(cfg, dist)
@@ -107,12 +112,17 @@ def start_run(cfg: DictConfig, validate: Callable[[DictConfig, int], None]) -> R
                autocast=autocast_factory(precision, dist.device))
 
 
-def init_and_validate(cfg: DictConfig, validate: Callable[[DictConfig, int], None]) -> Dist:
+def init_and_validate(cfg: DictConfig, validate: Callable[[DictConfig, int], None],
+                      inputs: Mapping[str, str]) -> Dist:
     """The process group, then the value checks (the batch contract needs the world size)."""
     dist = distributed.init_distributed()
     try:
         validate(cfg, dist.world_size)
-    except ValueError:
+        for key, how in inputs.items():
+            path = OmegaConf.select(cfg, key)
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{key}: {path} does not exist. {how}")
+    except (ValueError, FileNotFoundError):
         distributed.shutdown()
         raise
     return dist
@@ -349,6 +359,7 @@ class Trainer:
                 self.task.log_images(self.eval_model, logger, self.step)
                 record = {"step": self.step, **final}
                 (run.run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+                logger.hparams(to_container(self.cfg), final)
             return final
         finally:
             stop.restore()
