@@ -207,6 +207,9 @@ def test_residual_projections_are_scaled_by_depth():
     assert model.encoder[0].mlp.fc2.weight.std().item() == pytest.approx(std / 2, rel=0.05)
     assert model.decoder[0].attn.proj.bias.abs().sum() == 0
     assert model.text_emb.weight[0].abs().sum() == 0
+    # word embeddings start at unit scale (T5): captions stay distinct through the encoder
+    assert model.text_emb.weight[1:].std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.image_emb.weight.std().item() == pytest.approx(std, rel=0.05)
 
 
 @pytest.mark.parametrize(

@@ -156,6 +156,16 @@ def test_export_round_trip(tmp_path):
         load_export(tmp_path)
 
 
+def test_a_checkpoint_folder_loads_its_ema_weights(shapes_dir, tmp_path):
+    trainer, task = build(shapes_dir, tmp_path, steps=2, extra=["trainer.ema_decay=0.5"])
+    trainer.fit()
+    loaded, config = load_export(trainer.checkpointer.latest())
+    assert config["kind"] == "vitvqgan"
+    ema, trained = trainer.ema.model.state_dict(), task.units["model"].module.state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    assert not all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_and_checkpoints_clean_names(shapes_dir, tmp_path):
     trainer, task = build(shapes_dir, tmp_path, steps=2,

@@ -41,7 +41,7 @@ class PartiConfig:
     dropout: float = 0.1  # attention, residual, MLP and embedding dropout (Parti: 0.1)
     text_dropout: float = 0.1  # chance of training on the empty caption (classifier-free guidance)
     tie_embeddings: bool = False  # share the image-token embedding with the output projection
-    init_std: float = 0.02  # std of the normal init of weights, embeddings and positions
+    init_std: float = 0.02  # std of the normal init of weights, image embeddings, positions (words: 1)
 
 
 _POSITIVE_INTS = (
@@ -123,6 +123,9 @@ class Parti(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
+        # Word embeddings at unit scale (as T5): a caption's words stay distinct through the
+        # pre-norm encoder from the first step, so cross-attention can find them early.
+        nn.init.normal_(self.text_emb.weight, std=1.0)
         with torch.no_grad():  # zero the padding row again, as nn.Embedding(padding_idx=0) does
             self.text_emb.weight[0].zero_()
         nn.init.normal_(self.text_pos, std=std)
