@@ -23,15 +23,20 @@ test-fast: install  ## the test suite without the slow tests
 	$(PY) -m pytest -q -m "not slow"
 
 SHAPES := data/shapes
+SEED ?= 0
+DEMO ?= outputs/demo
 
-demo: install  ## shapes shards -> text tokenizer -> stage 1 -> token shards -> stage 2 -> samples + metrics
+demo: install  ## shapes shards -> text tokenizer -> stage 1 -> token shards -> stage 2 -> samples + metrics (SEED=, DEMO= to vary)
 	$(PY) -m parti.data.shapes_dataset --out $(SHAPES)
-	$(PY) train_vqgan.py experiment=demo_vqgan
+	$(PY) train_vqgan.py experiment=demo_vqgan trainer.seed=$(SEED) run_dir=$(DEMO)/vqgan
 	$(PY) -m parti.data.tokenize --shards '$(SHAPES)/train-{00000..00007}.tar::$(SHAPES)/eval-00000.tar' \
-		--tokenizer outputs/demo/vqgan/export --out $(SHAPES)/tokens
-	$(PY) train_parti.py experiment=demo_parti
-	$(PY) sample.py
-	$(PY) -m parti.eval.report outputs/demo/vqgan outputs/demo/parti
+		--tokenizer $(DEMO)/vqgan/export --out $(DEMO)/tokens
+	$(PY) train_parti.py experiment=demo_parti trainer.seed=$(SEED) run_dir=$(DEMO)/parti \
+		tokenizer.ckpt=$(DEMO)/vqgan/export data.token_train_shards="'$(DEMO)/tokens/train-{00000..00007}.tar'" \
+		data.token_eval_shards=$(DEMO)/tokens/eval-00000.tar
+	$(PY) sample.py ckpt=$(DEMO)/parti/export
+	$(PY) -m parti.eval.generation ckpt=$(DEMO)/parti/export n=512 'guidance=[1,1.5,3]' temperature=0.6
+	$(PY) -m parti.eval.report $(DEMO)/vqgan $(DEMO)/parti
 
 bench: install  ## benchmark tables (bench/)
 	$(PY) bench/throughput.py
