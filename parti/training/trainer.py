@@ -128,6 +128,13 @@ def init_and_validate(cfg: DictConfig, validate: Callable[[DictConfig, int], Non
     return dist
 
 
+def skipped_totals(skipped: dict[str, int], device: torch.device) -> dict[str, float]:
+    """`data/skipped_<reason>` summed over ranks. Every rank runs the same collectives whatever it
+    skipped (its reasons may be none, or differ from the other ranks')."""
+    totals = distributed.sum_dicts({k: float(v) for k, v in skipped.items()}, device)
+    return {f"data/skipped_{reason}": total for reason, total in totals.items()}
+
+
 class OptimizerUnit:
     """One trained module with its optimizer, schedule and scaler: accumulate, clip, step.
 
@@ -382,12 +389,8 @@ class Trainer:
     def _log(self, logger, loader, window, meter, tokens_per_sample, flops_per_sample, peak):
         rate, step_time = meter.read()
         scalars = {key: total / count for key, (total, count) in window.items()}
-        skipped = torch.tensor([float(v) for _, v in sorted(loader.skipped.items())])
         scalars = distributed.reduce_scalars(scalars, self.run.device)
-        if len(skipped):
-            totals = distributed.all_reduce_sum(skipped.to(self.run.device)).tolist()
-            for (reason, _), total in zip(sorted(loader.skipped.items()), totals):
-                scalars[f"data/skipped_{reason}"] = total
+        scalars.update(skipped_totals(loader.skipped, self.run.device))
         scalars["train/nonfinite_steps"] = float(self.bad_total)
         scalars["perf/samples_per_s"] = rate
         scalars["perf/step_time_s"] = step_time
