@@ -248,3 +248,22 @@ def test_tie_embeddings_shares_the_weight():
     F.cross_entropy(tied(ids, mask, tokens).flatten(0, 1), tokens.flatten()).backward()
     opt.step()
     assert torch.equal(tied.head.weight, tied.image_emb.weight)
+
+
+def test_tied_model_exports_loads_and_averages_once(tmp_path):
+    from parti.training.checkpoint import export_weights, load_export
+    from parti.training.ema import EMA
+
+    tied = tiny_model(tie_embeddings=True)
+    ema = EMA(tied, decay=0.5)
+    with torch.no_grad():
+        tied.image_emb.weight.add_(1.0)
+    ema.update(tied)  # the shared tensor is blended once: 0.5 * old + 0.5 * (old + 1) = old + 0.5
+    assert torch.allclose(ema.model.head.weight, tied.head.weight - 0.5)
+    assert ema.model.head.weight is ema.model.image_emb.weight
+    export_weights(tmp_path / "export", tied.state_dict(), {"kind": "parti"})
+    weights, _ = load_export(tmp_path / "export")
+    fresh = Parti(PartiConfig(**{**TINY, "tie_embeddings": True}))
+    fresh.load_state_dict(weights)
+    ids, mask, tokens = make_batch([3, 8])
+    assert torch.equal(fresh.eval()(ids, mask, tokens), tied.eval()(ids, mask, tokens))

@@ -137,7 +137,8 @@ def export_weights(out_dir: Path, state_dict: dict, config: dict) -> Path:
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    # clone: tied weights share storage, which safetensors refuses; each name gets its own copy
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
     if out_dir.exists():
