@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from parti.config import to_container
 from parti.data.pipeline import build_eval_loader, build_train_loader, expand_urls
 from parti.data.transforms import ImageDecoder, TokenDecoder
-from parti.eval.generation import sampled_judge_metrics
+from parti.eval.generation import sampled_judge_metrics, settings
 from parti.eval.tokenizer import limited
 from parti.models.loading import load_image_tokenizer
 from parti.models.parti import Parti
@@ -181,13 +181,13 @@ class PartiTask(Task):
             return {}
         captions = [c for batch in limited(self._eval_loader(), -(-e.n // dist.world_size))
                     for c in batch["caption"]]
-        settings = [SamplingConfig(g, e.temperature, e.top_k, e.top_p, k)
-                    for k in sorted({1, e.candidates}) for g in e.guidance]
+        rows = settings(e.guidance, sorted({1, e.candidates}),
+                        SamplingConfig(1.0, e.temperature, e.top_k, e.top_p))
         was_training = model.training
         model.eval()
         with self.run.autocast():
             metrics = sampled_judge_metrics(
-                model, self.text_tokenizer, self.image_tokenizer, captions, settings, e.seed,
+                model, self.text_tokenizer, self.image_tokenizer, captions, rows, e.seed,
                 self.run.cfg.trainer.micro_batch,
                 reduce=lambda sums: distributed.sum_dicts(sums, self.run.device))
         model.train(was_training)
