@@ -11,12 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from parti.data.pipeline import (
-    SkipSample,
-    build_eval_loader,
-    build_train_loader,
-    expand_urls,
-)
+from parti.data.eval_loader import build_eval_loader
+from parti.data.pipeline import build_train_loader
+from parti.data.shards import SkipSample, expand_urls
 from parti.data.transforms import ImageDecoder, to_tensor, to_uint8
 
 DECODE = ImageDecoder(8, train=True)
@@ -296,9 +293,36 @@ def test_eval_reads_each_sample_once_across_ranks(tmp_path, num_workers):
     assert sorted(keys) == sorted(all_keys)
 
 
-def test_eval_reader_without_shards_yields_nothing(tmp_path):
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_one_eval_tar_gives_every_world_size_the_same_samples(tmp_path, world_size):
+    """The README's recipe has a single eval tar: every rank must get a share of it, and the
+    first max_samples samples must be the evaluated set whatever the number of ranks."""
+    shard = good_shards(tmp_path, 1, 7)
+    per_rank = [keys_of(build_eval_loader(shard, DECODE, batch_size=2, rank=r,
+                                          world_size=world_size, max_samples=5))
+                for r in range(world_size)]
+    assert all(per_rank), f"a rank got no eval samples: {per_rank}"
+    assert sorted(k for keys in per_rank for k in keys) == [f"s0_{i}" for i in range(5)]
+
+
+def test_eval_skips_are_counted_once_across_ranks(tmp_path):
+    bad, bad_keys = bad_samples_shard(tmp_path / "bad.tar")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file" * 40)
+    totals, keys = {}, []
+    for rank in range(2):
+        loader = build_eval_loader([bad, str(garbage)], DECODE, batch_size=2, rank=rank,
+                                   world_size=2)
+        keys += keys_of(loader)
+        for reason, n in loader.skipped.items():
+            totals[reason] = totals.get(reason, 0) + n
+    assert sorted(keys) == sorted(bad_keys)
+    assert totals == {**BAD_REASONS, "bad_shard": 1}
+
+
+def test_eval_reader_without_samples_yields_nothing(tmp_path):
     shards = good_shards(tmp_path, 1, 3)
-    assert keys_of(build_eval_loader(shards, DECODE, batch_size=2, rank=1, world_size=2)) == []
+    assert keys_of(build_eval_loader(shards, DECODE, batch_size=2, rank=3, world_size=4)) == []
     batches = list(build_eval_loader(shards, DECODE, batch_size=2))
     assert [len(b["key"]) for b in batches] == [2, 1]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parti.config import validate_parti
-from parti.data.pipeline import iter_raw_samples
+from parti.data.shards import iter_raw_samples
 from parti.data.transforms import ImageDecoder
 from parti.models.loading import load_image_tokenizer
 from parti.training.stage2 import PartiTask

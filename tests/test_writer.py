@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from parti.data import write
-from parti.data.pipeline import iter_raw_samples
+from parti.data.shards import iter_raw_samples
 from parti.data.transforms import TokenDecoder
 
 

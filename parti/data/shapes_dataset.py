@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from parti.data.pipeline import expand_urls
+from parti.data.shards import expand_urls
 from parti.data.write import shapes_source, shard_path, write_shards
 from parti.text.train import iter_captions, train_tokenizer
 from parti.training import distributed

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from parti.data.pipeline import SkipSample
+from parti.data.shards import SkipSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -18,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from parti.data.pipeline import build_eval_loader, expand_urls
+from parti.data.eval_loader import build_eval_loader
 from parti.data.shapes import parse_caption
+from parti.data.shards import expand_urls
 from parti.data.transforms import ImageDecoder
 from parti.eval.metrics import codebook_usage, psnr
 from parti.eval.shapes_judge import judge_batch

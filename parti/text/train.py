@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from parti.data.pipeline import ShardError, check_shards_exist, expand_urls, read_shard
+from parti.data.shards import ShardError, check_shards_exist, expand_urls, read_shard
 from parti.text.tokenizer import TextTokenizer
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
