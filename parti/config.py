@@ -22,7 +22,7 @@ from parti.models.vitvqgan import VitVQGANConfig
 from parti.sampling import SamplingConfig, validate_sampling
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("adam", "adamw", "adafactor")
+OPTIMIZERS = ("adam", "adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "parti")
 RESUME_MODES = ("auto", "never")
 

@@ -62,7 +62,7 @@ def test_every_parti_config_instantiates_with_the_paper_size(model):
 
 
 @pytest.mark.parametrize("group,options", [
-    ("optim", ["adam", "adamw", "adafactor"]), ("data", ["shapes", "wds"]), ("trainer", ["default"]),
+    ("optim", ["adam", "adamw", "adafactor", "sgd"]), ("data", ["shapes", "wds"]), ("trainer", ["default"]),
 ])
 @pytest.mark.parametrize("primary", ["train_vqgan", "train_parti"])
 def test_every_group_option_composes(primary, group, options):

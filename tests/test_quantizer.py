@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from parti.config import validate_vqgan
-from parti.models.quantizer import FactorizedQuantizer
+from parti.models.quantizer import FactorizedQuantizer, code_entropy
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import start_run
 from tests.conftest import compose_config, tiny_vqgan_overrides
@@ -89,20 +89,22 @@ def test_usage_and_perplexity_on_a_known_distribution():
     stats = q.usage()
     assert stats["usage"] == pytest.approx(0.5)
     assert stats["perplexity"] == pytest.approx(2.0)
+    q.advance_window()
     q(_one_hot([2, 2, 3, 3], 4))
     assert q.usage() == pytest.approx({"usage": 1.0, "perplexity": 4.0})
-    q(
-        _one_hot([0, 1, 2, 2], 4)
-    )  # window is now [0,0,1,1,2,2,3,3,0,1,2,2]: p = 3/12, 3/12, 4/12, 2/12
+    q(_one_hot([0, 1, 2, 2], 4))  # same step (accumulation): the window adds every forward
+    # window is now [0,0,1,1,2,2,3,3,0,1,2,2]: p = 3/12, 3/12, 4/12, 2/12
     p = torch.tensor([3, 3, 4, 2]) / 12
     assert q.usage()["perplexity"] == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-5)
 
 
 def test_usage_window_slides_and_eval_records_nothing():
     q = _identity_quantizer(4, window=2)
-    q(_one_hot([0, 0], 4))
-    q(_one_hot([1, 1], 4))
-    q(_one_hot([2, 2], 4))  # the first forward left the window
+    for code in range(3):  # one step each
+        if code:
+            q.advance_window()
+        q(_one_hot([code, code], 4))
+    # the first step left the window
     assert q.usage() == pytest.approx({"usage": 0.5, "perplexity": 2.0})
     q.eval()
     q(_one_hot([3, 3], 4))
@@ -173,7 +175,9 @@ def test_statistics_are_buffers_in_the_state_dict():
     q(torch.randn(2, 3, 16))
     state = q.state_dict()
     assert {"window_counts", "window_pos", "recent", "recent_pos", "dead_for"} <= set(state)
-    assert state["window_counts"].shape == (5, 32) and int(state["window_pos"]) == 1
+    assert state["window_counts"].shape == (5, 32) and state["window_counts"][0].sum() == 6
+    q.advance_window()
+    assert int(q.state_dict()["window_pos"]) == 1
     assert {name for name, _ in q.named_parameters()} == {"proj.weight", "proj.bias", "codebook"}
 
 
@@ -205,8 +209,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
         q(_one_hot([rank, rank], 4))  # rank 0 uses code 0, rank 1 code 1
         first = (q.usage(), q.restart_dead_codes(), q.codebook.detach().clone())
         capped = _identity_quantizer(4, fraction=0.25)
-        if rank == 0:  # rank 1 sees no data at all: it must still take part and agree
-            capped(_one_hot([0, 0], 4))
+        # every rank runs each forward (the counts are summed there), with its own batch size
+        capped(_one_hot([0, 0] if rank == 0 else [0], 4))
         second = (capped.restart_dead_codes(), capped.codebook.detach().clone(), capped.dead_for)
         results[rank] = first + second
     finally:
@@ -227,3 +231,31 @@ def test_restart_under_ddp_sums_counts_and_syncs_the_codebook(tmp_path):
     assert capped0 == capped1 == 1  # codes 1, 2, 3 dead; one re-seeded: code 1
     assert torch.equal(cbook0, cbook1) and torch.equal(dead0, dead1)
     assert torch.equal(cbook0[2:], torch.eye(4)[2:]) and not torch.equal(cbook0[1], torch.eye(4)[1])
+
+
+def test_code_entropy_is_low_per_vector_and_high_over_a_spread_batch():
+    codes = torch.eye(4)
+    spread = torch.eye(4)[None]  # four vectors, each exactly on its own code
+    per_vector, batch = code_entropy(spread, codes, temperature=0.01)
+    assert per_vector.item() < 1e-6 and batch.item() == pytest.approx(math.log(4), abs=1e-5)
+    collapsed = torch.eye(4)[[0, 0, 0, 0]][None]  # the whole batch on one code
+    _, batch_collapsed = code_entropy(collapsed, codes, temperature=0.01)
+    assert batch_collapsed.item() < 1e-6
+    # a subsample scores that many vectors
+    assert code_entropy(spread, codes, 0.01, samples=2)[1].item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_entropy_penalty_spreads_a_collapsed_codebook():
+    """A few steps on the penalty alone move vectors that all chose one code onto several."""
+    torch.manual_seed(0)
+    q = FactorizedQuantizer(8, 16, 4)
+    h = (torch.randn(1, 64, 8) * 0.01 + torch.randn(1, 1, 8)).requires_grad_()
+    opt = torch.optim.Adam([h, *q.parameters()], lr=0.05)
+    used_before = q(h).ids.unique().numel()
+    for _ in range(50):
+        out = q(h)
+        per_vector, batch = code_entropy(out.z_e, out.codes, temperature=0.1)
+        opt.zero_grad()
+        (per_vector - batch).backward()
+        opt.step()
+    assert q(h).ids.unique().numel() > max(used_before, 4)

@@ -87,14 +87,16 @@ def test_resumed_run_ends_with_the_same_weights(shapes_dir, tmp_path, workers):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(shapes_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_a_checkpoint_and_stops(shapes_dir, tmp_path, signum):
+    """SIGUSR1 is SLURM's warning before the time limit: it behaves like SIGTERM."""
     trainer, task = build(shapes_dir, tmp_path, steps=1000, extra=["loss.disc_start=1000"])
     original = task.train_step
 
     def step_then_signal(micro_batches, step):
         out = original(micro_batches, step)
         if step == 2:
-            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+            threading.Thread(target=os.kill, args=(os.getpid(), signum)).start()
             threading.Event().wait(0.2)
         return out
 
@@ -117,6 +119,63 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path):
     for name, param in task.generator.named_parameters():
         assert torch.equal(before[name], torch.nan_to_num(param.detach())), name
     assert trainer.bad_total == 3 and trainer.step == 3
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_non_finite_discriminator_steps_are_counted_and_logged(shapes_dir, tmp_path):
+    # The critic trains from step 0 while the generator's GAN term is still off (warm-up), so
+    # only the discriminator's updates are non-finite.
+    trainer, task = build(shapes_dir, tmp_path, steps=4,
+                          extra=["loss.disc_start=0", "loss.disc_warmup=1000",
+                                 "trainer.log_every=2"])
+    with torch.no_grad():
+        next(task.units["disc"].module.parameters()).fill_(float("nan"))
+    trainer.fit()
+    assert task.disc_nonfinite == 4 and trainer.bad_total == 0
+    assert task.extra_state()["disc_nonfinite"] == 4
+    log = (tmp_path / "train.log").read_text()
+    assert "disc/nonfinite_steps=2" in log and "disc/nonfinite_steps=4" in log
+
+
+def test_keep_last_prunes_to_exactly_the_newest(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path, steps=5,
+                       extra=["loss.disc_start=1000", "trainer.ckpt_every=1", "trainer.keep_last=2"])
+    trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-0000004", "step-0000005"]
+
+
+def test_resume_from_a_named_checkpoint_folder(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path / "a", steps=4,
+                       extra=["loss.disc_start=1000", "trainer.ckpt_every=2"])
+    trainer.fit()
+    chosen = tmp_path / "a" / "checkpoints" / "step-0000002"
+    again, _ = build(shapes_dir, tmp_path / "b", steps=4, extra=[f"resume={chosen}"])
+    assert again.resume() == chosen and again.step == 2
+
+
+def test_a_checkpoint_of_the_other_stage_is_refused(shapes_dir, token_dir, tiny_tokenizer,
+                                                    tmp_path):
+    from tests.test_stage2 import build as build_stage2
+
+    stage2, _ = build_stage2(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "parti", steps=1)
+    stage2.fit()
+    ckpt = tmp_path / "parti" / "checkpoints" / "step-0000001"
+    stage1, _ = build(shapes_dir, tmp_path / "vqgan", steps=2, extra=[f"resume={ckpt}"])
+    with pytest.raises(ValueError, match="checkpoint of a parti model, but this run trains a "
+                                         "vitvqgan model"):
+        stage1.resume()
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(shapes_dir, tmp_path):
+    first, _ = build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])
+    first.fit()
+    second, task = build(shapes_dir, tmp_path, steps=4,
+                         extra=["loss.disc_start=1000", "trainer.ema_decay=0.9"])
+    second.resume()
+    resumed = task.units["model"].module.state_dict()
+    for key, value in second.ema.state_dict().items():
+        assert torch.equal(value, resumed[key]), key
 
 
 def test_resume_never_refuses_to_overwrite(shapes_dir, tmp_path):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parti.losses.perceptual import BACKBONES, build_perceptual
-from parti.models.quantizer import QuantizerOutput
+from parti.models.quantizer import QuantizerOutput, code_entropy
 
 DISC_LOSSES = ("hinge", "non_saturating")
 # DALL-E's logit-Laplace squashes pixels into [eps, 1 - eps] so that their logits stay finite.
@@ -36,6 +36,9 @@ class VQGANLossConfig:
     r1_every: int = 16  # lazy R1: apply every k discriminator steps (scaled by k)
     adaptive_weight: bool = False  # scale adversarial term by grad-norm ratio at the last layer
     codebook_weight: float = 1.0  # weight of the quantizer loss (codebook + beta * commitment)
+    entropy_weight: float = 0.0  # code entropy penalty: per-vector entropy - batch entropy (0 = off)
+    entropy_temperature: float = 0.01  # softmax temperature over cosine similarities
+    entropy_samples: int = 1024  # encoder vectors scored per step (0 = all of them)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -53,9 +56,14 @@ def validate(cfg: VQGANLossConfig | Any, prefix: str = "loss.") -> None:
         "adversarial_weight",
         "r1_weight",
         "codebook_weight",
+        "entropy_weight",
     )
     for key in weights:
         _check(getattr(cfg, key) >= 0, prefix + key, f"{getattr(cfg, key)} must be >= 0")
+    _check(cfg.entropy_temperature > 0, prefix + "entropy_temperature",
+           f"{cfg.entropy_temperature} must be > 0")
+    _check(cfg.entropy_samples >= 0, prefix + "entropy_samples",
+           f"{cfg.entropy_samples} must be >= 0 (0 = all vectors)")
     _check(
         cfg.l2_weight + cfg.l1_weight + cfg.logit_laplace_weight + cfg.perceptual_weight > 0,
         prefix + "l2_weight",
@@ -195,6 +203,12 @@ class VQGANLoss(nn.Module):
         out["commitment"] = quant.commitment_loss
         out["quantizer"] = quant.loss
         total = rec + weight * adversarial + cfg.codebook_weight * quant.loss
+        if cfg.entropy_weight > 0:
+            if quant.z_e is None or quant.codes is None:
+                raise ValueError("loss.entropy_weight > 0 needs the quantizer's z_e and codes")
+            out["code_entropy"], out["batch_entropy"] = code_entropy(
+                quant.z_e, quant.codes, cfg.entropy_temperature, cfg.entropy_samples)
+            total = total + cfg.entropy_weight * (out["code_entropy"] - out["batch_entropy"])
         out = {key: value.detach() for key, value in out.items()}
         out["total"] = total
         return out

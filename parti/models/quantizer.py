@@ -30,6 +30,29 @@ class QuantizerOutput:
     loss: Tensor  # codebook_loss + beta * commitment_loss: the term to add to the training loss
     codebook_loss: Tensor  # ||sg(z_e) - z_q||^2: moves the codebook towards the encoder outputs
     commitment_loss: Tensor  # ||z_e - sg(z_q)||^2 (unweighted): moves the encoder towards its codes
+    z_e: Tensor | None = None  # (B, N, code_dim) normalised encoder vectors, with gradients
+    codes: Tensor | None = None  # (K, code_dim) normalised codebook, with gradients
+
+
+def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 0
+                 ) -> tuple[Tensor, Tensor]:
+    """(mean per-vector entropy, entropy of the batch-mean) of softmax(cos(z_e, codes) / T), nats.
+
+    Minimising the first while maximising the second (MAGVIT-v2's entropy penalty) makes each
+    vector pick one code confidently while the batch spreads over the whole codebook: the
+    pressure that keeps a small codebook from collapsing onto a few colours. `samples` > 0 scores
+    that many randomly chosen vectors instead of all (the softmax over K codes dominates its cost).
+    """
+    with torch.autocast(z_e.device.type, enabled=False):
+        flat = z_e.reshape(-1, z_e.shape[-1]).float()
+        if 0 < samples < flat.shape[0]:
+            flat = flat[torch.randperm(flat.shape[0], device=flat.device)[:samples]]
+        log_p = (flat @ codes.float().T / temperature).log_softmax(dim=-1)  # (n, K)
+        p = log_p.exp()
+        per_vector = -(p * log_p).sum(dim=-1).mean()
+        mean_p = p.mean(dim=0)
+        batch = -torch.special.xlogy(mean_p, mean_p).sum()
+    return per_vector, batch
 
 
 def _distributed() -> bool:
@@ -39,8 +62,11 @@ def _distributed() -> bool:
 class FactorizedQuantizer(nn.Module):
     """Linear dim -> code_dim, l2-normalised nearest-neighbour lookup, straight-through estimator.
 
-    In training mode every forward adds its code counts to a sliding window of the last
-    `usage_window` forwards (`usage()` reads it) and keeps the batch's projected vectors in a ring
+    In training mode every forward adds its code counts (summed over ranks under
+    torch.distributed, so every rank holds and checkpoints the same window and a resumed run takes
+    the same restart decisions) to the current slot of a sliding window of `usage_window` slots
+    (`advance_window()` starts the next one once per optimizer step; `usage()` reads them all) and
+    keeps the batch's projected vectors in a ring
     of recent encoder outputs (`restart_dead_codes()` re-seeds unused codes from it, at most
     `restart_max_fraction` of the codebook per call). These and each code's `dead_for` count are
     buffers, so they are checkpointed with the model.
@@ -118,15 +144,19 @@ class FactorizedQuantizer(nn.Module):
             loss=codebook_loss + self.beta * commitment_loss,
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
+            z_e=z_e,
+            codes=self.normalized_codebook(),
         )
 
     @torch.no_grad()
     def _record(self, z: Tensor, ids: Tensor) -> None:
-        """Add this forward's code counts to the window; keep some of its vectors as recent."""
+        """Add this forward's code counts to the window's current slot; keep some of its vectors
+        as recent."""
         window = self.window_counts.shape[0]
         counts = torch.bincount(ids.flatten(), minlength=self.codebook_size)
-        self.window_counts[self.window_pos % window] = counts.to(self.window_counts.dtype)
-        self.window_pos += 1
+        if _distributed():
+            dist.all_reduce(counts)  # global counts: every rank holds (and checkpoints) the same
+        self.window_counts[self.window_pos % window] += counts.to(self.window_counts.dtype)
         flat = z.reshape(-1, z.shape[-1])  # (B*N, C)
         keep = min(flat.shape[0], self.recent.shape[0])
         rows = torch.randperm(flat.shape[0], device=flat.device)[:keep]
@@ -134,18 +164,22 @@ class FactorizedQuantizer(nn.Module):
         self.recent[slots] = flat[rows].to(self.recent.dtype)
         self.recent_pos += keep
 
+    @torch.no_grad()
+    def advance_window(self) -> None:
+        """Start the window's next slot, dropping the oldest: call once per optimizer step, so the
+        window spans `usage_window` steps whatever the accumulation and world size."""
+        self.window_pos += 1
+        self.window_counts[self.window_pos % self.window_counts.shape[0]] = 0
+
     def _window_totals(self) -> Tensor:
-        """Code counts (K,) summed over the window and, under torch.distributed, over ranks."""
-        totals = self.window_counts.sum(dim=0)
-        if _distributed():
-            dist.all_reduce(totals)
-        return totals
+        """Code counts (K,) summed over the window (already summed over ranks by `_record`)."""
+        return self.window_counts.sum(dim=0)
 
     @torch.no_grad()
     def usage(self) -> dict[str, float]:
         """Fraction of codes used in the window and the perplexity exp(entropy) of their counts.
 
-        Both are 0.0 for an empty window. Collective under torch.distributed: call on every rank.
+        Both are 0.0 for an empty window; the counts are those of all ranks.
         """
         totals = self._window_totals()
         total = totals.sum()
@@ -167,8 +201,8 @@ class FactorizedQuantizer(nn.Module):
         At most `restart_limit` codes per call, those unused for the most consecutive calls first
         (ties: lowest index), so codes that never won a vector go before ones that just went quiet.
         Returns the number re-seeded (0 when the window is empty: no evidence of dead codes).
-        Under torch.distributed the counts are summed over ranks and rank 0's new entries are
-        broadcast: every rank takes the same decisions and runs the same collectives, so call it on
+        Under torch.distributed every rank holds the same counts and rank 0's new entries are
+        broadcast: every rank takes the same decisions and runs the same collective, so call it on
         every rank.
         """
         totals = self._window_totals()

@@ -41,7 +41,7 @@ class VitVQGANConfig:
     restart_every: int = 100  # dead-code restart interval in steps (0 = off); read by the trainer
     restart_until: int = 0  # last step that may restart dead codes, so the book settles (0 = no end)
     restart_max_fraction: float = 0.25  # cap on codes re-seeded per restart, longest-dead first
-    usage_window: int = 100  # training forwards over which code usage statistics are accumulated
+    usage_window: int = 100  # training steps over which code usage statistics are accumulated
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)  # GAN discriminator
 
 

@@ -21,10 +21,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """Adam, AdamW (decoupled decay) or Adafactor over `model`'s trainable parameters.
+    """Adam, AdamW (decoupled decay), Adafactor or SGD over `model`'s trainable parameters.
 
     torch's Adafactor keeps no first moment and uses its own beta2 schedule, so `optim.betas` does
-    not apply to it (the `eps` value is its relative step floor, eps2).
+    not apply to it (the `eps` value is its relative step floor, eps2). SGD takes its momentum
+    from betas[0] (0: plain SGD, whose update is linear in the gradient: the reference for exact
+    multi-rank equivalence tests).
     """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adam":
@@ -33,6 +35,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adafactor":
         return torch.optim.Adafactor(groups, lr=cfg.lr, eps=(None, cfg.eps))
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0])
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")
 
 

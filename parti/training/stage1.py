@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from parti.config import to_container
-from parti.data.pipeline import build_eval_loader, build_train_loader, expand_urls
+from parti.data.eval_loader import build_eval_loader
+from parti.data.pipeline import build_train_loader
+from parti.data.shards import expand_urls
 from parti.data.transforms import ImageDecoder
-from parti.eval.tokenizer import limited, reconstruction_sums, summarize
+from parti.eval.tokenizer import reconstruction_sums, summarize
 from parti.losses.vqgan import VQGANLoss
 from parti.models.discriminator import Discriminator
 from parti.models.vitvqgan import VitVQGAN, count_block_params
@@ -38,6 +40,7 @@ class VQGANTask(Task):
         self.units = {"model": OptimizerUnit(generator, run), "disc": OptimizerUnit(disc, run)}
         self.loss = VQGANLoss(cfg.loss).to(run.device)
         self.disc_steps = 0
+        self.disc_nonfinite = 0  # discriminator updates dropped for a non-finite gradient norm
         self._grid_batch: torch.Tensor | None = None
 
     @property
@@ -58,8 +61,8 @@ class VQGANTask(Task):
         loader = build_eval_loader(
             expand_urls(cfg.data.eval_shards), ImageDecoder(cfg.data.image_size, train=False),
             batch_size=cfg.trainer.micro_batch, rank=dist.rank, world_size=dist.world_size,
-            num_workers=0)
-        return limited(loader, max(1, cfg.data.eval_samples // dist.world_size))
+            max_samples=cfg.data.eval_samples)
+        return iter(loader)
 
     def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         device = self.run.device
@@ -86,6 +89,7 @@ class VQGANTask(Task):
 
             d = self.units["disc"].step(images, disc_loss)
             self.disc_steps += 1
+            self.disc_nonfinite += int(d["skipped"])
             out.update({f"disc/{k}": v for k, v in d.items() if k != "skipped"})
         out.update(self._codebook_upkeep(step + 1))
         return out
@@ -102,6 +106,7 @@ class VQGANTask(Task):
         restarting = not cfg.restart_until or done <= cfg.restart_until
         if cfg.restart_every and done % cfg.restart_every == 0 and restarting:
             out["codebook/restarted"] = float(quantizer.restart_dead_codes())
+        quantizer.advance_window()
         return out
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -136,8 +141,14 @@ class VQGANTask(Task):
         blocks = sum(count_block_params(self.model_cfg).values())
         return tokens, 6.0 * blocks * tokens
 
+    def counters(self) -> dict[str, float]:
+        if self.loss.cfg.adversarial_weight == 0:
+            return {}
+        return {"disc/nonfinite_steps": float(self.disc_nonfinite)}
+
     def extra_state(self) -> dict:
-        return {"disc_steps": self.disc_steps}
+        return {"disc_steps": self.disc_steps, "disc_nonfinite": self.disc_nonfinite}
 
     def load_extra_state(self, state: dict) -> None:
         self.disc_steps = state["disc_steps"]
+        self.disc_nonfinite = state.get("disc_nonfinite", 0)  # absent before it was counted

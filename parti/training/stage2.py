@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from parti.config import to_container
-from parti.data.pipeline import build_eval_loader, build_train_loader, expand_urls
+from parti.data.eval_loader import build_eval_loader
+from parti.data.pipeline import build_train_loader
+from parti.data.shards import expand_urls
 from parti.data.transforms import ImageDecoder, TokenDecoder
 from parti.eval.generation import sampled_judge_metrics, settings
-from parti.eval.tokenizer import limited
 from parti.models.loading import load_image_tokenizer
 from parti.models.parti import Parti
 from parti.sampling import SamplingConfig, generate
@@ -118,15 +119,12 @@ class PartiTask(Task):
                     "skipped": scalars["skipped"]})
         return out
 
-    def _eval_loader(self):
+    def _eval_batches(self, samples: int):
+        """This rank's share of the first `samples` eval samples (the same set at any world size)."""
         cfg, dist = self.run.cfg, self.run.dist
-        return build_eval_loader(self._shards(train=False), self._decoder(train=False),
-                                 batch_size=cfg.trainer.micro_batch, rank=dist.rank,
-                                 world_size=dist.world_size, num_workers=0)
-
-    def _eval_batches(self):
-        cfg, dist = self.run.cfg, self.run.dist
-        return limited(self._eval_loader(), max(1, cfg.data.eval_samples // dist.world_size))
+        return iter(build_eval_loader(self._shards(train=False), self._decoder(train=False),
+                                      batch_size=cfg.trainer.micro_batch, rank=dist.rank,
+                                      world_size=dist.world_size, max_samples=samples))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -140,7 +138,7 @@ class PartiTask(Task):
         was_training = model.training
         model.eval()
         sums = {"count": 0.0, "true_beats_shuffled": 0.0, "true_beats_empty": 0.0}
-        for batch in self._eval_batches():
+        for batch in self._eval_batches(self.run.cfg.data.eval_samples):
             tokens, captions = self._tokens(batch), list(batch["caption"])
             variants = {"true": captions, "shuffled": captions[1:] + captions[:1],
                         "empty": [""] * len(captions)}
@@ -176,11 +174,10 @@ class PartiTask(Task):
 
     def _judge_samples(self, model: nn.Module) -> dict[str, float]:
         """`eval/judge_*`: the shapes judge on samples for this rank's share of eval.n captions."""
-        e, dist = self.run.cfg.eval, self.run.dist
+        e = self.run.cfg.eval
         if e.n == 0:
             return {}
-        captions = [c for batch in limited(self._eval_loader(), -(-e.n // dist.world_size))
-                    for c in batch["caption"]]
+        captions = [c for batch in self._eval_batches(e.n) for c in batch["caption"]]
         rows = settings(e.guidance, sorted({1, e.candidates}),
                         SamplingConfig(1.0, e.temperature, e.top_k, e.top_p))
         was_training = model.training

@@ -225,6 +225,10 @@ class Task(ABC):
         """(tokens per sample, training FLOPs per sample) for throughput and MFU; 0 = unknown."""
         return 0, 0.0
 
+    def counters(self) -> dict[str, float]:
+        """Running totals logged as they are at each log step (not averaged over the window)."""
+        return {}
+
     def extra_state(self) -> dict:
         """Task state beyond the units' (checkpointed)."""
         return {}
@@ -284,16 +288,30 @@ class Trainer:
         if path is None:
             return None
         shared, own = self.checkpointer.load(path)
+        self._check_stage(path, shared)
         for name, unit in self.task.units.items():
             unit.load_state_dict(shared["units"][name])
-        if self.ema is not None and "ema" in shared:
-            self.ema.load_state_dict(shared["ema"])
+        if self.ema is not None:
+            if "ema" in shared:
+                self.ema.load_state_dict(shared["ema"])
+            else:  # EMA switched on at this resume: it starts from the resumed weights
+                self.ema = EMA(self.task.units["model"].module, self.cfg.trainer.ema_decay)
         self.task.load_extra_state(shared["task"])
         self.step = shared["step"]
         self.bad_total = shared["bad_steps"]
         set_rng_state(own["rng"])
         self.loader_state = own["data"]
         return path
+
+    def _check_stage(self, path: Path, shared: dict) -> None:
+        """Refuse a checkpoint written by the other stage, naming both kinds."""
+        kind = self.task.export_config()["kind"]
+        saved = shared.get("export_config", {}).get("kind", "unknown")
+        if saved != kind or set(shared["units"]) != set(self.task.units):
+            raise ValueError(
+                f"{path} is a checkpoint of a {saved} model, but this run trains a {kind} model: "
+                "resume= takes a checkpoint folder (<run_dir>/checkpoints/step-N) written by the "
+                "same stage (train_vqgan.py: vitvqgan, train_parti.py: parti)")
 
     def save(self, loader) -> Path:
         shared = {"step": self.step, "config": to_container(self.cfg), "bad_steps": self.bad_total,
@@ -392,6 +410,7 @@ class Trainer:
         scalars = distributed.reduce_scalars(scalars, self.run.device)
         scalars.update(skipped_totals(loader.skipped, self.run.device))
         scalars["train/nonfinite_steps"] = float(self.bad_total)
+        scalars.update(self.task.counters())
         scalars["perf/samples_per_s"] = rate
         scalars["perf/step_time_s"] = step_time
         if tokens_per_sample:
@@ -403,7 +422,7 @@ class Trainer:
                  if k in ("train/loss", "train/total", "perf/samples_per_s")}
         logger.progress(self.step, shown)
         logger.info(f"step {self.step} " + " ".join(
-            f"{k}={v:.4g}" for k, v in sorted(scalars.items()) if not k.startswith("data/")))
+            f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
         metrics = self.task.evaluate(self.eval_model, self.step)
