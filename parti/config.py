@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from parti.config_errors import check_config
 from parti.losses import vqgan as vqgan_loss
 from parti.losses.vqgan import VQGANLossConfig
 from parti.models import parti as parti_model
@@ -155,64 +156,59 @@ def register_configs() -> None:
     cs.store(name="train_parti_schema", node=PartiTrainConfig)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config error: {key}: {message}")
-
-
 def validate_optim(cfg: OptimConfig | Any) -> None:
     """Optimizer and schedule values."""
-    _check(cfg.name in OPTIMIZERS, "optim.name", f"{cfg.name!r} is not one of {OPTIMIZERS}")
-    _check(cfg.lr > 0, "lr", f"{cfg.lr} must be > 0")
-    _check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "optim.betas",
+    check_config(cfg.name in OPTIMIZERS, "optim.name", f"{cfg.name!r} is not one of {OPTIMIZERS}")
+    check_config(cfg.lr > 0, "lr", f"{cfg.lr} must be > 0")
+    check_config(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "optim.betas",
            f"{list(cfg.betas)} must be two values in [0, 1)")
-    _check(cfg.weight_decay >= 0, "optim.weight_decay", f"{cfg.weight_decay} must be >= 0")
-    _check(cfg.schedule in SCHEDULES, "optim.schedule", f"{cfg.schedule!r} is not one of {SCHEDULES}")
-    _check(cfg.warmup_steps >= 0, "optim.warmup_steps", f"{cfg.warmup_steps} must be >= 0")
-    _check(0 < cfg.final_lr_ratio <= 1, "optim.final_lr_ratio", f"{cfg.final_lr_ratio} must be in (0, 1]")
-    _check(cfg.decay_start >= 0, "optim.decay_start", f"{cfg.decay_start} must be >= 0")
+    check_config(cfg.weight_decay >= 0, "optim.weight_decay", f"{cfg.weight_decay} must be >= 0")
+    check_config(cfg.schedule in SCHEDULES, "optim.schedule", f"{cfg.schedule!r} is not one of {SCHEDULES}")
+    check_config(cfg.warmup_steps >= 0, "optim.warmup_steps", f"{cfg.warmup_steps} must be >= 0")
+    check_config(0 < cfg.final_lr_ratio <= 1, "optim.final_lr_ratio", f"{cfg.final_lr_ratio} must be in (0, 1]")
+    check_config(cfg.decay_start >= 0, "optim.decay_start", f"{cfg.decay_start} must be >= 0")
 
 
 def validate_trainer(cfg: TrainerConfig | Any, world_size: int = 1) -> None:
     """Loop values, including the global batch contract for this world size."""
-    _check(cfg.steps > 0, "trainer.steps", f"{cfg.steps} must be > 0")
-    _check(cfg.micro_batch > 0, "trainer.micro_batch", f"{cfg.micro_batch} must be > 0")
+    check_config(cfg.steps > 0, "trainer.steps", f"{cfg.steps} must be > 0")
+    check_config(cfg.micro_batch > 0, "trainer.micro_batch", f"{cfg.micro_batch} must be > 0")
     per_step = cfg.micro_batch * world_size
-    _check(cfg.global_batch > 0 and cfg.global_batch % per_step == 0, "trainer.global_batch",
+    check_config(cfg.global_batch > 0 and cfg.global_batch % per_step == 0, "trainer.global_batch",
            f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch} "
            f"x world_size {world_size}")
-    _check(cfg.precision in PRECISIONS, "trainer.precision",
+    check_config(cfg.precision in PRECISIONS, "trainer.precision",
            f"{cfg.precision!r} is not one of {PRECISIONS}")
-    _check(cfg.grad_clip >= 0, "trainer.grad_clip", f"{cfg.grad_clip} must be >= 0")
-    _check(0 <= cfg.ema_decay < 1, "trainer.ema_decay", f"{cfg.ema_decay} must be in [0, 1)")
+    check_config(cfg.grad_clip >= 0, "trainer.grad_clip", f"{cfg.grad_clip} must be >= 0")
+    check_config(0 <= cfg.ema_decay < 1, "trainer.ema_decay", f"{cfg.ema_decay} must be in [0, 1)")
     for key in ("log_every",):
-        _check(getattr(cfg, key) > 0, f"trainer.{key}", f"{getattr(cfg, key)} must be > 0")
+        check_config(getattr(cfg, key) > 0, f"trainer.{key}", f"{getattr(cfg, key)} must be > 0")
     for key in ("eval_every", "image_every", "ckpt_every", "peak_flops"):
-        _check(getattr(cfg, key) >= 0, f"trainer.{key}", f"{getattr(cfg, key)} must be >= 0")
-    _check(cfg.keep_last >= 1, "trainer.keep_last", f"{cfg.keep_last} must be >= 1")
-    _check(cfg.max_bad_steps >= 1, "trainer.max_bad_steps", f"{cfg.max_bad_steps} must be >= 1")
+        check_config(getattr(cfg, key) >= 0, f"trainer.{key}", f"{getattr(cfg, key)} must be >= 0")
+    check_config(cfg.keep_last >= 1, "trainer.keep_last", f"{cfg.keep_last} must be >= 1")
+    check_config(cfg.max_bad_steps >= 1, "trainer.max_bad_steps", f"{cfg.max_bad_steps} must be >= 1")
 
 
 def validate_data(cfg: DataConfig | Any, stage: int) -> None:
     """Data values; stage 2 also needs a text tokenizer and token shards (or on-the-fly encoding)."""
-    _check(cfg.image_size >= 8, "data.image_size", f"{cfg.image_size} must be >= 8")
-    _check(cfg.num_workers >= 0, "data.num_workers", f"{cfg.num_workers} must be >= 0")
-    _check(cfg.shards_per_block >= 1, "data.shards_per_block", f"{cfg.shards_per_block} must be >= 1")
-    _check(cfg.shuffle_buffer >= 1, "data.shuffle_buffer", f"{cfg.shuffle_buffer} must be >= 1")
-    _check(cfg.eval_samples >= 1, "data.eval_samples", f"{cfg.eval_samples} must be >= 1")
-    _check(not cfg.generate or not urlparse(cfg.train_shards).scheme, "data.generate",
+    check_config(cfg.image_size >= 8, "data.image_size", f"{cfg.image_size} must be >= 8")
+    check_config(cfg.num_workers >= 0, "data.num_workers", f"{cfg.num_workers} must be >= 0")
+    check_config(cfg.shards_per_block >= 1, "data.shards_per_block", f"{cfg.shards_per_block} must be >= 1")
+    check_config(cfg.shuffle_buffer >= 1, "data.shuffle_buffer", f"{cfg.shuffle_buffer} must be >= 1")
+    check_config(cfg.eval_samples >= 1, "data.eval_samples", f"{cfg.eval_samples} must be >= 1")
+    check_config(not cfg.generate or not urlparse(cfg.train_shards).scheme, "data.generate",
            f"writes the shapes data set next to data.train_shards, which must be a local path, "
            f"not {cfg.train_shards!r}; set data.generate=false for other shards")
     if stage == 2:
-        _check(bool(cfg.text_tokenizer), "data.text_tokenizer",
+        check_config(bool(cfg.text_tokenizer), "data.text_tokenizer",
                "stage 2 needs a SentencePiece model: python -m parti.text.train --shards ... --out ...")
-        _check(cfg.encode_on_the_fly or bool(cfg.token_train_shards), "data.token_train_shards",
+        check_config(cfg.encode_on_the_fly or bool(cfg.token_train_shards), "data.token_train_shards",
                "is empty: make token shards with python -m parti.data.tokenize, or set "
                "data.encode_on_the_fly=true")
 
 
 def _check_resume(resume: str) -> None:
-    _check(bool(resume), "resume", f"must be one of {RESUME_MODES} or a checkpoint path")
+    check_config(bool(resume), "resume", f"must be one of {RESUME_MODES} or a checkpoint path")
 
 
 def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> None:
@@ -222,7 +218,7 @@ def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_data(cfg.data, stage=1)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
-    _check(cfg.data.image_size == cfg.model.image_size, "data.image_size",
+    check_config(cfg.data.image_size == cfg.model.image_size, "data.image_size",
            f"{cfg.data.image_size} differs from model.image_size {cfg.model.image_size}")
     _check_resume(cfg.resume)
 
@@ -233,14 +229,14 @@ def validate_parti(cfg: PartiTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_data(cfg.data, stage=2)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
-    _check(bool(cfg.tokenizer.ckpt), "tokenizer.ckpt",
+    check_config(bool(cfg.tokenizer.ckpt), "tokenizer.ckpt",
            "is empty: train a tokenizer with python train_vqgan.py and pass "
            "tokenizer.ckpt=<run>/export (or a checkpoint folder)")
     s = cfg.sample
     validate_sampling(SamplingConfig(s.guidance, s.temperature, s.top_k, s.top_p), "sample.")
     e = cfg.eval
-    _check(e.n >= 0, "eval.n", f"{e.n} must be >= 0 (0 = no generation evaluation)")
-    _check(len(e.guidance) > 0, "eval.guidance", "needs at least one guidance scale")
+    check_config(e.n >= 0, "eval.n", f"{e.n} must be >= 0 (0 = no generation evaluation)")
+    check_config(len(e.guidance) > 0, "eval.guidance", "needs at least one guidance scale")
     for guidance in e.guidance:
         validate_sampling(SamplingConfig(guidance, e.temperature, e.top_k, e.top_p, e.candidates),
                           "eval.")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from parti.config_errors import check_config
 from parti.models.parti import Parti
 from parti.models.vitvqgan import VitVQGAN
 from parti.text.tokenizer import TextTokenizer
@@ -46,8 +47,7 @@ def validate_sampling(cfg: SamplingConfig, prefix: str = "") -> None:
         (cfg.candidates >= 1, "candidates", f"{cfg.candidates} must be >= 1"),
     )
     for ok, key, message in checks:
-        if not ok:
-            raise ValueError(f"config error: {prefix}{key}: {message}")
+        check_config(ok, prefix + key, message)
 
 
 def row_seed(seed: int, sample: int = 0, candidate: int = 0) -> int:

@@ -305,6 +305,15 @@ def test_one_eval_tar_gives_every_world_size_the_same_samples(tmp_path, world_si
     assert sorted(k for keys in per_rank for k in keys) == [f"s0_{i}" for i in range(5)]
 
 
+def test_text_named_jpg_and_an_empty_tar_are_counted(tmp_path):
+    shard = write_tar(tmp_path / "odd.tar", [*good("g0", 1), ("t.jpg", b"just some text"),
+                                             ("t.txt", b"text named jpg")])
+    empty = write_tar(tmp_path / "empty.tar", [])
+    loader = build_eval_loader([shard, empty], DECODE, batch_size=2)
+    assert keys_of(loader) == ["g0"]
+    assert loader.skipped == {"corrupt_image": 1, "empty_shard": 1}
+
+
 def test_eval_skips_are_counted_once_across_ranks(tmp_path):
     bad, bad_keys = bad_samples_shard(tmp_path / "bad.tar")
     garbage = tmp_path / "garbage.tar"

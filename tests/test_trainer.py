@@ -196,6 +196,20 @@ def test_truncated_checkpoint_is_reported(shapes_dir, tmp_path):
         again.resume()
 
 
+class Payload:
+    """Any class a weights-only unpickler does not know: loading it could run code."""
+
+
+def test_checkpoint_holding_arbitrary_objects_is_refused(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])
+    trainer.fit()
+    torch.save({"step": 2, "payload": Payload()},
+               tmp_path / "checkpoints" / "step-0000002" / "state.pt")
+    again, _ = build(shapes_dir, tmp_path, steps=4)
+    with pytest.raises(RuntimeError, match="state.pt holds objects other than tensors"):
+        again.resume()
+
+
 def test_unfinished_checkpoint_is_ignored(shapes_dir, tmp_path):
     trainer, _ = build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])
     trainer.fit()

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from parti.config_errors import check_config
 from parti.data.eval_loader import build_eval_loader
 from parti.data.shapes import parse_caption
 from parti.data.shards import expand_urls
@@ -98,10 +99,9 @@ class GenerationEvalConfig:
 def validate(cfg: GenerationEvalConfig) -> None:
     """Reject impossible values naming the key."""
     for key in ("n", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"config error: {key}: {getattr(cfg, key)} must be >= 1")
-    if not cfg.guidance or not cfg.candidates:
-        raise ValueError("config error: guidance and candidates need at least one value each")
+        check_config(getattr(cfg, key) >= 1, key, f"{getattr(cfg, key)} must be >= 1")
+    for key in ("guidance", "candidates"):
+        check_config(bool(getattr(cfg, key)), key, "needs at least one value")
     for setting in settings(cfg.guidance, cfg.candidates,
                             SamplingConfig(1.0, cfg.temperature, cfg.top_k, cfg.top_p)):
         validate_sampling(setting)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parti.config_errors import check_config
 from parti.losses.perceptual import BACKBONES, build_perceptual
 from parti.models.quantizer import QuantizerOutput, code_entropy
 
@@ -41,11 +42,6 @@ class VQGANLossConfig:
     entropy_samples: int = 1024  # encoder vectors scored per step (0 = all of them)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config error: {key}: {message}")
-
-
 def validate(cfg: VQGANLossConfig | Any, prefix: str = "loss.") -> None:
     """Reject impossible loss values with a message naming the key."""
     weights = (
@@ -59,23 +55,23 @@ def validate(cfg: VQGANLossConfig | Any, prefix: str = "loss.") -> None:
         "entropy_weight",
     )
     for key in weights:
-        _check(getattr(cfg, key) >= 0, prefix + key, f"{getattr(cfg, key)} must be >= 0")
-    _check(cfg.entropy_temperature > 0, prefix + "entropy_temperature",
+        check_config(getattr(cfg, key) >= 0, prefix + key, f"{getattr(cfg, key)} must be >= 0")
+    check_config(cfg.entropy_temperature > 0, prefix + "entropy_temperature",
            f"{cfg.entropy_temperature} must be > 0")
-    _check(cfg.entropy_samples >= 0, prefix + "entropy_samples",
+    check_config(cfg.entropy_samples >= 0, prefix + "entropy_samples",
            f"{cfg.entropy_samples} must be >= 0 (0 = all vectors)")
-    _check(
+    check_config(
         cfg.l2_weight + cfg.l1_weight + cfg.logit_laplace_weight + cfg.perceptual_weight > 0,
         prefix + "l2_weight",
         "l2, l1, logit_laplace and perceptual weights are all 0: nothing "
         "would teach the decoder to reconstruct",
     )
-    _check(
+    check_config(
         cfg.perceptual_backbone in BACKBONES,
         prefix + "perceptual_backbone",
         f"{cfg.perceptual_backbone!r} is not one of {BACKBONES}",
     )
-    _check(
+    check_config(
         cfg.perceptual_weight == 0
         or cfg.perceptual_backbone == "random"
         or bool(cfg.perceptual_weights),
@@ -83,14 +79,14 @@ def validate(cfg: VQGANLossConfig | Any, prefix: str = "loss.") -> None:
         f"perceptual_backbone={cfg.perceptual_backbone!r} needs a local torchvision state_dict: "
         f"set {prefix}perceptual_weights=/path/to/weights.pth (or perceptual_backbone=random)",
     )
-    _check(cfg.disc_start >= 0, prefix + "disc_start", f"{cfg.disc_start} must be >= 0")
-    _check(cfg.disc_warmup >= 0, prefix + "disc_warmup", f"{cfg.disc_warmup} must be >= 0")
-    _check(
+    check_config(cfg.disc_start >= 0, prefix + "disc_start", f"{cfg.disc_start} must be >= 0")
+    check_config(cfg.disc_warmup >= 0, prefix + "disc_warmup", f"{cfg.disc_warmup} must be >= 0")
+    check_config(
         cfg.disc_loss in DISC_LOSSES,
         prefix + "disc_loss",
         f"{cfg.disc_loss!r} is not one of {DISC_LOSSES}",
     )
-    _check(cfg.r1_every >= 1, prefix + "r1_every", f"{cfg.r1_every} must be >= 1")
+    check_config(cfg.r1_every >= 1, prefix + "r1_every", f"{cfg.r1_every} must be >= 1")
 
 
 def _to_unit(x: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parti.config_errors import check_config
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -18,27 +20,22 @@ class DiscriminatorConfig:
     mbstd_group: int = 4  # minibatch-std group size (1 = off); shrunk to a divisor of the batch
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config error: {key}: {message}")
-
-
 def validate(cfg: DiscriminatorConfig | Any, prefix: str = "model.disc.") -> None:
     """Reject impossible discriminator values with a message naming the key."""
-    _check(cfg.channels >= 1, f"{prefix}channels", f"{cfg.channels} must be >= 1")
-    _check(
+    check_config(cfg.channels >= 1, f"{prefix}channels", f"{cfg.channels} must be >= 1")
+    check_config(
         cfg.max_channels >= cfg.channels,
         f"{prefix}max_channels",
         f"{cfg.max_channels} must be >= channels ({cfg.channels})",
     )
-    _check(
+    check_config(
         cfg.mbstd_group >= 1, f"{prefix}mbstd_group", f"{cfg.mbstd_group} must be >= 1 (1 = off)"
     )
 
 
 def validate_image_size(image_size: int, key: str = "model.image_size") -> None:
     """The discriminator halves the image down to 4x4: the size must be a power of two >= 8."""
-    _check(
+    check_config(
         image_size >= 8 and image_size & (image_size - 1) == 0,
         key,
         f"{image_size} must be a power of two >= 8 (the discriminator halves it down to 4x4)",

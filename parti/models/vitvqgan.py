@@ -14,6 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from parti.config_errors import check_config
 from parti.models import discriminator
 from parti.models.discriminator import DiscriminatorConfig
 from parti.models.layers import Position2d, TransformerBlock
@@ -45,11 +46,6 @@ class VitVQGANConfig:
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)  # GAN discriminator
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config error: {key}: {message}")
-
-
 def validate(cfg: VitVQGANConfig | Any, prefix: str = "model.") -> None:
     """Reject impossible model values (and discriminator values) with a message naming the key."""
     for key in (
@@ -67,36 +63,36 @@ def validate(cfg: VitVQGANConfig | Any, prefix: str = "model.") -> None:
         "code_dim",
         "usage_window",
     ):
-        _check(getattr(cfg, key) >= 1, prefix + key, f"{getattr(cfg, key)} must be >= 1")
-    _check(
+        check_config(getattr(cfg, key) >= 1, prefix + key, f"{getattr(cfg, key)} must be >= 1")
+    check_config(
         cfg.image_size % cfg.patch_size == 0,
         prefix + "image_size",
         f"{cfg.image_size} is not a multiple of patch_size {cfg.patch_size}",
     )
     for side in ("enc", "dec"):
         dim, heads = getattr(cfg, f"{side}_dim"), getattr(cfg, f"{side}_heads")
-        _check(
+        check_config(
             dim % heads == 0, f"{prefix}{side}_heads", f"{heads} does not divide {side}_dim {dim}"
         )
-    _check(cfg.codebook_size >= 2, prefix + "codebook_size", f"{cfg.codebook_size} must be >= 2")
-    _check(
+    check_config(cfg.codebook_size >= 2, prefix + "codebook_size", f"{cfg.codebook_size} must be >= 2")
+    check_config(
         cfg.code_dim <= cfg.enc_dim,
         prefix + "code_dim",
         f"{cfg.code_dim} must be <= enc_dim {cfg.enc_dim} (codes are a low-dimensional projection)",
     )
-    _check(cfg.beta >= 0, prefix + "beta", f"{cfg.beta} must be >= 0")
-    _check(0 <= cfg.dropout < 1, prefix + "dropout", f"{cfg.dropout} must be in [0, 1)")
-    _check(
+    check_config(cfg.beta >= 0, prefix + "beta", f"{cfg.beta} must be >= 0")
+    check_config(0 <= cfg.dropout < 1, prefix + "dropout", f"{cfg.dropout} must be in [0, 1)")
+    check_config(
         cfg.restart_every >= 0,
         prefix + "restart_every",
         f"{cfg.restart_every} must be >= 0 (0 = off)",
     )
-    _check(
+    check_config(
         cfg.restart_until >= 0,
         prefix + "restart_until",
         f"{cfg.restart_until} must be >= 0 (0 = restart until the end)",
     )
-    _check(
+    check_config(
         0 < cfg.restart_max_fraction <= 1,
         prefix + "restart_max_fraction",
         f"{cfg.restart_max_fraction} must be in (0, 1]",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -60,6 +61,11 @@ def load_file_safely(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file missing: {path}") from None
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(
+            f"checkpoint file {path} holds objects other than tensors and plain containers: "
+            "refused (checkpoints load with weights_only=True, which never runs code from a file)"
+        ) from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise RuntimeError(f"checkpoint file {path} is damaged or not a parti checkpoint: {err}") from err
 
