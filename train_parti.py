@@ -13,10 +13,10 @@ Reads top to bottom: setup, first-run data, build, resume, loop, export.
 import hydra
 from omegaconf import DictConfig
 
+from parti import distributed
 from parti.config import register_configs, validate_parti
 from parti.data.shapes_dataset import prepare_shapes
-from parti.training import distributed
-from parti.training.checkpoint import export_weights
+from parti.distributed.checkpoint import export_weights
 from parti.training.stage2 import PartiTask
 from parti.training.trainer import Trainer, start_run
 

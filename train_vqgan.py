@@ -13,10 +13,10 @@ Reads top to bottom: setup, first-run data, build, resume, loop, export.
 import hydra
 from omegaconf import DictConfig
 
+from parti import distributed
 from parti.config import register_configs, validate_vqgan
 from parti.data.shapes_dataset import prepare_shapes
-from parti.training import distributed
-from parti.training.checkpoint import export_weights
+from parti.distributed.checkpoint import export_weights
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import Trainer, start_run
 

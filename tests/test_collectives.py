@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parti.training import distributed
+from parti import distributed
 from parti.training.trainer import skipped_totals
 
 SKIPPED = ({"corrupt_image": 2, "missing_caption": 1}, {})  # rank 0 saw bad samples, rank 1 none

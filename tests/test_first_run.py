@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from parti.config import DataConfig, validate_vqgan
 from parti.data.shapes_dataset import ShapesRecipe, ensure_shapes, prepare_shapes
-from parti.training.distributed import Dist
+from parti.distributed import Dist
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from parti.distributed.checkpoint import export_weights
 from parti.eval.fid import random_inception_weights
 from parti.eval.generation import ATTRIBUTES, SPLITS, judge_means, judge_sums, main
-from parti.training.checkpoint import export_weights
 from tests.test_stage2 import build
 
 

@@ -251,7 +251,7 @@ def test_tie_embeddings_shares_the_weight():
 
 
 def test_tied_model_exports_loads_and_averages_once(tmp_path):
-    from parti.training.checkpoint import export_weights, load_export
+    from parti.distributed.checkpoint import export_weights, load_export
     from parti.training.ema import EMA
 
     tied = tiny_model(tie_embeddings=True)

@@ -128,7 +128,7 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
 
     trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "run", steps=2)
     trainer.fit()
-    from parti.training.checkpoint import export_weights
+    from parti.distributed.checkpoint import export_weights
 
     export = export_weights(tmp_path / "run" / "export", trainer.eval_model.state_dict(),
                             task.export_config())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parti.config import validate_vqgan
-from parti.training.checkpoint import Checkpointer, export_weights, load_export
+from parti.distributed.checkpoint import Checkpointer, export_weights, load_export
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import Trainer, start_run
 from tests.conftest import compose_config, record_losses, tiny_vqgan_overrides

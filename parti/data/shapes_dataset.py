@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from parti import distributed
 from parti.data.shards import expand_urls
 from parti.data.write import shapes_source, shard_path, write_shards
+from parti.distributed import Dist
 from parti.text.train import iter_captions, train_tokenizer
-from parti.training import distributed
-from parti.training.distributed import Dist
 
 if TYPE_CHECKING:
     from parti.config import DataConfig

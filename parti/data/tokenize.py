@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from parti import distributed
 from parti.data.eval_loader import build_eval_loader
 from parti.data.shards import expand_urls
 from parti.data.transforms import ImageDecoder
 from parti.data.write import write_tar
 from parti.models.loading import load_image_tokenizer
 from parti.models.vitvqgan import VitVQGAN
-from parti.training import distributed
 
 
 class _WithJson:

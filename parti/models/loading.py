@@ -8,10 +8,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from parti.distributed.checkpoint import load_export
 from parti.models.parti import Parti, PartiConfig
 from parti.models.vitvqgan import VitVQGAN, VitVQGANConfig
 from parti.text.tokenizer import TextTokenizer
-from parti.training.checkpoint import load_export
 
 VALID_FOLDER = ("A model folder is a run's export/ (model.safetensors + config.yaml) or one of its "
                 "checkpoints/step-N/ (state.pt + COMPLETE).")

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from parti import distributed
 from parti.config import to_container
 from parti.data.eval_loader import build_eval_loader
 from parti.data.pipeline import build_train_loader
@@ -21,7 +22,6 @@ from parti.eval.tokenizer import reconstruction_sums, summarize
 from parti.losses.vqgan import VQGANLoss
 from parti.models.discriminator import Discriminator
 from parti.models.vitvqgan import VitVQGAN, count_block_params
-from parti.training import distributed
 from parti.training.logging import RunLogger
 from parti.training.trainer import OptimizerUnit, Run, Task
 

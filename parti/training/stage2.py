@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from parti import distributed
 from parti.config import to_container
 from parti.data.eval_loader import build_eval_loader
 from parti.data.pipeline import build_train_loader
@@ -22,7 +23,6 @@ from parti.models.loading import load_image_tokenizer
 from parti.models.parti import Parti
 from parti.sampling import SamplingConfig, generate
 from parti.text.tokenizer import TextTokenizer
-from parti.training import distributed
 from parti.training.logging import RunLogger
 from parti.training.trainer import OptimizerUnit, Run, Task
 

@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from parti import distributed
 from parti.config import to_container
-from parti.training import distributed
-from parti.training.checkpoint import Checkpointer, rng_state, set_rng_state
-from parti.training.distributed import Dist
+from parti.distributed import Dist
+from parti.distributed.checkpoint import Checkpointer, rng_state, set_rng_state
 from parti.training.ema import EMA
 from parti.training.logging import RunLogger
 from parti.training.optim import build_optimizer, build_scheduler

@@ -21,8 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from parti.training import distributed
-from parti.training.distributed import Dist
+from parti import distributed
+from parti.distributed import Dist
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -1,5 +1,7 @@
 """Process-group setup from torchrun's environment, and the few collectives the trainer needs.
 
+The parallel machinery lives here, outside `parti.training`, so that data (token precompute, the
+shapes data) and inference (loading exports, `checkpoint`) never import the trainer.
 Plain `python` runs as a world of one; under torchrun every process drives one device (gloo on CPU,
 nccl on CUDA). Multi-node runs use torchrun's c10d rendezvous: nothing changes here.
 """
