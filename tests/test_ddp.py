@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,29 @@ def test_bad_data_on_one_rank_only_is_counted_and_nobody_waits(shapes_dir, tmp_p
     logged = {field.split("=")[0].removeprefix("data/skipped_"): float(field.split("=")[1])
               for field in last.split() if field.startswith("data/skipped_")}
     assert logged == {reason: float(n) for reason, n in ranks[0].items()}
+
+
+def _signalled_rank(rank: int, overrides: list[str]) -> int:
+    run = start_run(compose_config("train_vqgan", overrides), validate_vqgan)
+    task = VQGANTask(run)
+    step = task.train_step
+
+    def step_then_signal(micro_batches, index):
+        out = step(micro_batches, index)
+        if rank == 1 and index == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning, on one rank only
+        return out
+
+    task.train_step = step_then_signal
+    trainer = Trainer(run, task)
+    assert trainer.fit() == {}
+    return trainer.step
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(shapes_dir, tmp_path):
+    overrides = [o for o in tiny_vqgan_overrides(shapes_dir, tmp_path / "run", steps=50)
+                 if not o.startswith("trainer.micro_batch=")] + ["trainer.micro_batch=4"]
+    stopped = spawn(tmp_path, _signalled_rank, overrides)
+    assert stopped[0] == stopped[1] and 3 <= stopped[0] < 50
+    assert (tmp_path / "run" / "checkpoints" / f"step-{stopped[0]:07d}" / "COMPLETE").is_file()

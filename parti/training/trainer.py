@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -240,23 +241,40 @@ class Task(ABC):
 
 
 class StopRequested:
-    """Turns SIGTERM/SIGINT/SIGUSR1 into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks between steps.
+
+    Under torch.distributed each check starts a non-blocking sum of every rank's flag and reads
+    the sum started at the previous check, which has had a whole step to finish: no rank waits on
+    the others every step, and every rank stops at the same step, one step after the signal.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.flag = False
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.flag = True
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (so all save and stop together)."""
+        """True on every rank once any rank was signalled (so all save and stop together)."""
+        if not dist.is_initialized():
+            return self.flag
         value = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        return bool(distributed.all_reduce_sum(value).item() > 0)
+        previous, self._pending = self._pending, (dist.all_reduce(value, async_op=True), value)
+        if previous is None:
+            return False
+        work, total = previous
+        work.wait()
+        return bool(total.item() > 0)
 
     def restore(self) -> None:
+        """Finish the outstanding sum (every rank launched it) and restore the signal handlers."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
