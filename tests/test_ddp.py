@@ -108,6 +108,7 @@ def _rank_main(rank: int, world: int, init_file: str, fn, args: tuple, out: str)
                             timeout=datetime.timedelta(seconds=120))
     try:
         torch.save(fn(rank, *args), f"{out}.{rank}")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
