@@ -161,7 +161,7 @@ def validate_optim(cfg: OptimConfig | Any) -> None:
     check_config(cfg.name in OPTIMIZERS, "optim.name", f"{cfg.name!r} is not one of {OPTIMIZERS}")
     check_config(cfg.lr > 0, "lr", f"{cfg.lr} must be > 0")
     check_config(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "optim.betas",
-           f"{list(cfg.betas)} must be two values in [0, 1)")
+                 f"{list(cfg.betas)} must be two values in [0, 1)")
     check_config(cfg.weight_decay >= 0, "optim.weight_decay", f"{cfg.weight_decay} must be >= 0")
     check_config(cfg.schedule in SCHEDULES, "optim.schedule", f"{cfg.schedule!r} is not one of {SCHEDULES}")
     check_config(cfg.warmup_steps >= 0, "optim.warmup_steps", f"{cfg.warmup_steps} must be >= 0")
@@ -175,10 +175,10 @@ def validate_trainer(cfg: TrainerConfig | Any, world_size: int = 1) -> None:
     check_config(cfg.micro_batch > 0, "trainer.micro_batch", f"{cfg.micro_batch} must be > 0")
     per_step = cfg.micro_batch * world_size
     check_config(cfg.global_batch > 0 and cfg.global_batch % per_step == 0, "trainer.global_batch",
-           f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch} "
-           f"x world_size {world_size}")
+                 f"global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch} "
+                 f"x world_size {world_size}")
     check_config(cfg.precision in PRECISIONS, "trainer.precision",
-           f"{cfg.precision!r} is not one of {PRECISIONS}")
+                 f"{cfg.precision!r} is not one of {PRECISIONS}")
     check_config(cfg.grad_clip >= 0, "trainer.grad_clip", f"{cfg.grad_clip} must be >= 0")
     check_config(0 <= cfg.ema_decay < 1, "trainer.ema_decay", f"{cfg.ema_decay} must be in [0, 1)")
     for key in ("log_every",):
@@ -197,14 +197,14 @@ def validate_data(cfg: DataConfig | Any, stage: int) -> None:
     check_config(cfg.shuffle_buffer >= 1, "data.shuffle_buffer", f"{cfg.shuffle_buffer} must be >= 1")
     check_config(cfg.eval_samples >= 1, "data.eval_samples", f"{cfg.eval_samples} must be >= 1")
     check_config(not cfg.generate or not urlparse(cfg.train_shards).scheme, "data.generate",
-           f"writes the shapes data set next to data.train_shards, which must be a local path, "
-           f"not {cfg.train_shards!r}; set data.generate=false for other shards")
+                 f"writes the shapes data set next to data.train_shards, which must be a local path, "
+                 f"not {cfg.train_shards!r}; set data.generate=false for other shards")
     if stage == 2:
         check_config(bool(cfg.text_tokenizer), "data.text_tokenizer",
-               "stage 2 needs a SentencePiece model: python -m parti.text.train --shards ... --out ...")
+                     "stage 2 needs a SentencePiece model: python -m parti.text.train --shards ... --out ...")
         check_config(cfg.encode_on_the_fly or bool(cfg.token_train_shards), "data.token_train_shards",
-               "is empty: make token shards with python -m parti.data.tokenize, or set "
-               "data.encode_on_the_fly=true")
+                     "is empty: make token shards with python -m parti.data.tokenize, or set "
+                     "data.encode_on_the_fly=true")
 
 
 def _check_resume(resume: str) -> None:
@@ -219,7 +219,7 @@ def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
     check_config(cfg.data.image_size == cfg.model.image_size, "data.image_size",
-           f"{cfg.data.image_size} differs from model.image_size {cfg.model.image_size}")
+                 f"{cfg.data.image_size} differs from model.image_size {cfg.model.image_size}")
     _check_resume(cfg.resume)
 
 
@@ -230,8 +230,8 @@ def validate_parti(cfg: PartiTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
     check_config(bool(cfg.tokenizer.ckpt), "tokenizer.ckpt",
-           "is empty: train a tokenizer with python train_vqgan.py and pass "
-           "tokenizer.ckpt=<run>/export (or a checkpoint folder)")
+                 "is empty: train a tokenizer with python train_vqgan.py and pass "
+                 "tokenizer.ckpt=<run>/export (or a checkpoint folder)")
     s = cfg.sample
     validate_sampling(SamplingConfig(s.guidance, s.temperature, s.top_k, s.top_p), "sample.")
     e = cfg.eval

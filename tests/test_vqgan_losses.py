@@ -59,7 +59,8 @@ class CountingDisc(torch.nn.Module):
 def _quant() -> QuantizerOutput:
     c, k = torch.tensor(0.3), torch.tensor(0.3)
     return QuantizerOutput(
-        torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.long), c + 0.25 * k, c, k
+        torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.long), c + 0.25 * k, c, k,
+        z_e=torch.zeros(2, 4, 8), codes=torch.eye(8),
     )
 
 

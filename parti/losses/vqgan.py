@@ -57,9 +57,9 @@ def validate(cfg: VQGANLossConfig | Any, prefix: str = "loss.") -> None:
     for key in weights:
         check_config(getattr(cfg, key) >= 0, prefix + key, f"{getattr(cfg, key)} must be >= 0")
     check_config(cfg.entropy_temperature > 0, prefix + "entropy_temperature",
-           f"{cfg.entropy_temperature} must be > 0")
+                 f"{cfg.entropy_temperature} must be > 0")
     check_config(cfg.entropy_samples >= 0, prefix + "entropy_samples",
-           f"{cfg.entropy_samples} must be >= 0 (0 = all vectors)")
+                 f"{cfg.entropy_samples} must be >= 0 (0 = all vectors)")
     check_config(
         cfg.l2_weight + cfg.l1_weight + cfg.logit_laplace_weight + cfg.perceptual_weight > 0,
         prefix + "l2_weight",
@@ -200,8 +200,6 @@ class VQGANLoss(nn.Module):
         out["quantizer"] = quant.loss
         total = rec + weight * adversarial + cfg.codebook_weight * quant.loss
         if cfg.entropy_weight > 0:
-            if quant.z_e is None or quant.codes is None:
-                raise ValueError("loss.entropy_weight > 0 needs the quantizer's z_e and codes")
             out["code_entropy"], out["batch_entropy"] = code_entropy(
                 quant.z_e, quant.codes, cfg.entropy_temperature, cfg.entropy_samples)
             total = total + cfg.entropy_weight * (out["code_entropy"] - out["batch_entropy"])

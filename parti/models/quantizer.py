@@ -30,8 +30,8 @@ class QuantizerOutput:
     loss: Tensor  # codebook_loss + beta * commitment_loss: the term to add to the training loss
     codebook_loss: Tensor  # ||sg(z_e) - z_q||^2: moves the codebook towards the encoder outputs
     commitment_loss: Tensor  # ||z_e - sg(z_q)||^2 (unweighted): moves the encoder towards its codes
-    z_e: Tensor | None = None  # (B, N, code_dim) normalised encoder vectors, with gradients
-    codes: Tensor | None = None  # (K, code_dim) normalised codebook, with gradients
+    z_e: Tensor  # (B, N, code_dim) normalised encoder vectors, with gradients
+    codes: Tensor  # (K, code_dim) normalised codebook, with gradients
 
 
 def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 0
@@ -132,7 +132,8 @@ class FactorizedQuantizer(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             z_e = self.project(h)  # (B, N, C)
             ids = self.nearest(z_e)  # (B, N)
-            z_q = self.embed(ids)  # (B, N, C)
+            codes = self.normalized_codebook()  # (K, C), with gradients
+            z_q = F.embedding(ids, codes)  # (B, N, C)
             codebook_loss = F.mse_loss(z_q, z_e.detach())
             commitment_loss = F.mse_loss(z_e, z_q.detach())
             quantized = z_e + (z_q - z_e).detach()
@@ -145,7 +146,7 @@ class FactorizedQuantizer(nn.Module):
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
             z_e=z_e,
-            codes=self.normalized_codebook(),
+            codes=codes,
         )
 
     @torch.no_grad()
