@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 from parti import distributed
 from parti.config import register_configs, validate_vqgan
 from parti.data.shapes_dataset import prepare_shapes
-from parti.distributed.checkpoint import export_weights
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import Trainer, start_run
 
@@ -31,8 +30,8 @@ def main(cfg: DictConfig) -> float:
     trainer = Trainer(run, task)
     trainer.resume()
     metrics = trainer.fit()
-    if run.dist.is_main and metrics:
-        export_weights(run.run_dir / "export", trainer.eval_model.state_dict(), task.export_config())
+    if metrics:
+        trainer.export(run.run_dir / "export")
     distributed.shutdown()
     return metrics.get("eval/psnr", float("nan"))
 

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from parti.config_errors import check_config
+from parti.distributed.parallel import STRATEGIES
 from parti.losses import vqgan as vqgan_loss
 from parti.losses.vqgan import VQGANLossConfig
 from parti.models import parti as parti_model
@@ -73,6 +74,8 @@ class TrainerConfig:
     grad_clip: float = 1.0                # max global grad norm (0 = off)
     ema_decay: float = 0.0                # EMA of the weights (0 = off)
     compile: bool = False                 # torch.compile the model
+    strategy: str = "ddp"                 # ddp (a full replica per rank) | fsdp (sharded, stage 2)
+    activation_checkpointing: bool = False  # recompute each Transformer block's activations in backward
     log_every: int = 10
     eval_every: int = 500                 # evaluation on the held-out set (0 = only at the end)
     image_every: int = 500                # image grids to TensorBoard (0 = off)
@@ -179,6 +182,11 @@ def validate_trainer(cfg: TrainerConfig | Any, world_size: int = 1) -> None:
                  f"x world_size {world_size}")
     check_config(cfg.precision in PRECISIONS, "trainer.precision",
                  f"{cfg.precision!r} is not one of {PRECISIONS}")
+    check_config(cfg.strategy in STRATEGIES, "trainer.strategy",
+                 f"{cfg.strategy!r} is not one of {STRATEGIES}")
+    check_config(cfg.strategy != "fsdp" or cfg.precision != "fp16", "trainer.precision",
+                 "fp16 needs a loss scaler over sharded gradients; with trainer.strategy=fsdp use "
+                 "bf16 (the CUDA default) or fp32")
     check_config(cfg.grad_clip >= 0, "trainer.grad_clip", f"{cfg.grad_clip} must be >= 0")
     check_config(0 <= cfg.ema_decay < 1, "trainer.ema_decay", f"{cfg.ema_decay} must be in [0, 1)")
     for key in ("log_every",):
@@ -218,6 +226,9 @@ def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_data(cfg.data, stage=1)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
+    check_config(cfg.trainer.strategy == "ddp", "trainer.strategy",
+                 "stage 1 trains with ddp: the largest ViT-VQGAN fits on one GPU, and dead-code "
+                 "restarts write whole codebook rows, which FSDP shards (fsdp is for stage 2)")
     check_config(cfg.data.image_size == cfg.model.image_size, "data.image_size",
                  f"{cfg.data.image_size} differs from model.image_size {cfg.model.image_size}")
     _check_resume(cfg.resume)

@@ -73,7 +73,6 @@ def tiny_vqgan_overrides(shapes_dir: Path, run_dir: Path, steps: int = 6) -> lis
 def tiny_tokenizer(shapes_dir, tmp_path_factory) -> Path:
     """The export folder of a tiny stage-1 tokenizer trained for a few steps on the shapes data."""
     from parti.config import validate_vqgan
-    from parti.distributed.checkpoint import export_weights
     from parti.training.stage1 import VQGANTask
     from parti.training.trainer import Trainer, start_run
 
@@ -83,7 +82,8 @@ def tiny_tokenizer(shapes_dir, tmp_path_factory) -> Path:
     task = VQGANTask(run)
     trainer = Trainer(run, task)
     trainer.fit()
-    return export_weights(run_dir / "export", trainer.eval_model.state_dict(), task.export_config())
+    trainer.export(run_dir / "export")
+    return run_dir / "export"
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parti.config import validate_parti, validate_vqgan
+from parti.distributed.parallel import full_tensors
 from parti.training.stage1 import VQGANTask
 from parti.training.stage2 import PartiTask
 from parti.training.trainer import Trainer, start_run
@@ -113,13 +114,13 @@ def _rank_main(rank: int, world: int, init_file: str, fn, args: tuple, out: str)
         dist.destroy_process_group()
 
 
-def spawn(tmp_path: Path, fn, *args) -> list:
-    """fn(rank, *args) on two gloo ranks; returns each rank's result."""
+def spawn(tmp_path: Path, fn, *args, world: int = 2) -> list:
+    """fn(rank, *args) on `world` gloo ranks; returns each rank's result."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = str(tmp_path / "result")
-    mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), fn, args, out), nprocs=2,
-                       start_method="spawn")
-    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    mp.start_processes(_rank_main, args=(world, str(tmp_path / "init"), fn, args, out),
+                       nprocs=world, start_method="spawn")
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
 
 
 def _equivalence_rank(rank: int, shapes_dir: Path, run_dir: Path) -> dict:
@@ -178,10 +179,15 @@ def _resume_rank(rank: int, primary: str, overrides: list[str], stop_at: int, re
     if stop_at:
         trainer.cfg.trainer.steps = stop_at  # the same run cut short (its schedule still spans all)
     trainer.fit()
-    state = {f"{name}.{k}": v.clone() for name, unit in task.units.items()
+    return whole_state(trainer)
+
+
+def whole_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every trained unit's weights and the EMA's, whole (gathered from the shards under FSDP)."""
+    state = {f"{name}.{k}": v for name, unit in trainer.task.units.items()
              for k, v in unit.module.state_dict().items()}
-    state.update({f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()})
-    return state
+    state.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+    return {k: v.clone() for k, v in full_tensors(state)}
 
 
 def assert_resume_is_exact(tmp_path: Path, primary: str, overrides, stop_at: int) -> None:

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from parti.distributed.checkpoint import export_weights
 from parti.eval.fid import random_inception_weights
 from parti.eval.generation import ATTRIBUTES, SPLITS, judge_means, judge_sums, main
 from tests.test_stage2 import build
@@ -15,7 +14,8 @@ def tiny_parti(shapes_dir, token_dir, tiny_tokenizer, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("parti")
     trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, run_dir, steps=2)
     trainer.fit()
-    return export_weights(run_dir / "export", trainer.eval_model.state_dict(), task.export_config())
+    trainer.export(run_dir / "export")
+    return run_dir / "export"
 
 
 def test_judge_sums_split_single_and_two_object_captions():

@@ -128,10 +128,8 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
 
     trainer, task = build(shapes_dir, token_dir, tiny_tokenizer, tmp_path / "run", steps=2)
     trainer.fit()
-    from parti.distributed.checkpoint import export_weights
-
-    export = export_weights(tmp_path / "run" / "export", trainer.eval_model.state_dict(),
-                            task.export_config())
+    export = tmp_path / "run" / "export"
+    trainer.export(export)
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square at the top left\n")
     done = subprocess.run(

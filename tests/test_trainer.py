@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from parti.config import validate_vqgan
-from parti.distributed.checkpoint import Checkpointer, export_weights, load_export
+from parti.distributed.checkpoint import Checkpointer, export_weights, load_export, read_tensors
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import Trainer, start_run
 from tests.conftest import compose_config, record_losses, tiny_vqgan_overrides
@@ -196,6 +197,24 @@ def test_truncated_checkpoint_is_reported(shapes_dir, tmp_path):
         again.resume()
 
 
+def test_damaged_tensors_and_old_format_checkpoints_are_reported(shapes_dir, tmp_path):
+    trainer, _ = build(shapes_dir, tmp_path / "a", steps=2, extra=["loss.disc_start=1000"])
+    trainer.fit()
+    original = tmp_path / "a" / "checkpoints" / "step-0000002"
+    cases = {"cut": "tensors in .* are damaged", "old": "checkpoint of an older parti"}
+    for case, message in cases.items():
+        copy = tmp_path / case / "checkpoints" / "step-0000002"
+        shutil.copytree(original, copy)
+        if case == "cut":
+            shard = next((copy / "tensors").glob("*.distcp"))
+            shard.write_bytes(shard.read_bytes()[:1000])
+        else:
+            shutil.rmtree(copy / "tensors")
+        again, _ = build(shapes_dir, tmp_path / case, steps=4)
+        with pytest.raises(RuntimeError, match=message):
+            again.resume()
+
+
 class Payload:
     """Any class a weights-only unpickler does not know: loading it could run code."""
 
@@ -234,7 +253,7 @@ def test_a_checkpoint_folder_loads_its_ema_weights(shapes_dir, tmp_path):
     trainer.fit()
     loaded, config = load_export(trainer.checkpointer.latest())
     assert config["kind"] == "vitvqgan"
-    ema, trained = trainer.ema.model.state_dict(), task.units["model"].module.state_dict()
+    ema, trained = trainer.ema.state_dict(), task.units["model"].module.state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
     assert not all(torch.equal(loaded[k], trained[k]) for k in trained)
 
@@ -246,7 +265,6 @@ def test_compiled_model_trains_and_checkpoints_clean_names(shapes_dir, tmp_path)
     losses = record_losses(task, "train/l2")
     trainer.fit()
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    shared, _ = trainer.checkpointer.load(trainer.checkpointer.latest())
-    names = shared["units"]["model"]["model"].keys()
-    assert names == task.generator.state_dict().keys()
+    names = read_tensors(trainer.checkpointer.latest() / "tensors", ("units", "model", "model"))
+    assert names.keys() == task.generator.state_dict().keys()
     assert not any("_orig_mod" in name for name in names)

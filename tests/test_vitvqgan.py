@@ -227,8 +227,8 @@ def test_ema_averages_parameters_and_copies_buffers():
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model)
-    for name, p in ema.model.named_parameters():
+    for name, p in ema.params.items():
         assert torch.allclose(p, (start[name] + dict(model.named_parameters())[name]) / 2), name
-    for name, b in ema.model.named_buffers():
+    for name, b in ema.buffers.items():
         assert torch.equal(b, dict(model.named_buffers())[name]), name
-    assert int(ema.model.quantizer.recent_pos) > 0 and ema.model.quantizer.dead_for.any()
+    assert int(ema.buffers["quantizer.recent_pos"]) > 0 and ema.buffers["quantizer.dead_for"].any()

@@ -3,12 +3,16 @@
 The parallel machinery lives here, outside `parti.training`, so that data (token precompute, the
 shapes data) and inference (loading exports, `checkpoint`) never import the trainer.
 Plain `python` runs as a world of one; under torchrun every process drives one device (gloo on CPU,
-nccl on CUDA). Multi-node runs use torchrun's c10d rendezvous: nothing changes here.
+nccl on CUDA). Multi-node runs use torchrun's c10d rendezvous: nothing changes here. Under SLURM
+without torchrun (one task per GPU, e.g. `hydra/launcher=slurm`), the layout comes from SLURM's
+environment and the first node of the allocation is the rendezvous host.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +37,27 @@ class Dist:
         return self.world_size > 1
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-010,012],cpu1' -> 'gpu003'."""
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first)
+
+
+def slurm_layout(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a SLURM
+    task started without torchrun; empty when not under SLURM or when torchrun set them."""
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist), "MASTER_PORT": port}
+
+
 def init_distributed() -> Dist:
-    """Join the process group torchrun describes in the environment (or run alone)."""
+    """Join the process group torchrun (or SLURM) describes in the environment, or run alone."""
+    os.environ.update(slurm_layout(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,7 +105,8 @@ def reduce_scalars(scalars: dict[str, float | torch.Tensor], device: torch.devic
     if not scalars:
         return {}
     keys = sorted(scalars)
-    values = torch.tensor([float(scalars[k]) for k in keys], dtype=torch.float64, device=device)
+    values = torch.stack([torch.as_tensor(scalars[k], dtype=torch.float64, device=device).reshape(())
+                          for k in keys])  # device tensors stay there: one read after the sum
     world = dist.get_world_size() if dist.is_initialized() else 1
     values = all_reduce_sum(values) / world
     return dict(zip(keys, values.tolist()))

@@ -1,30 +1,42 @@
 """Checkpoints that survive a kill at any moment, and exported inference weights.
 
-Layout: `<run>/checkpoints/step-0001000/{state.pt, rank-000.pt, ..., COMPLETE}`. A checkpoint is
-written under a hidden temporary name, marked COMPLETE last, then renamed: a folder named
-`step-*` with the marker is always whole. Loading never unpickles objects (`weights_only=True`).
+Layout: `<run>/checkpoints/step-0001000/{tensors/, state.pt, rank-000.pt, ..., COMPLETE}`.
+`tensors/` holds weights, optimizer moments and EMA with `torch.distributed.checkpoint` (DCP): each
+rank writes its own shards, and DCP reshards on load, so a checkpoint written by N ranks (DDP or
+FSDP) loads into M ranks of either. `state.pt` (rank 0) holds the rest: step, schedule, config;
+`rank-*.pt` each rank's data position and RNG. A checkpoint is written under a hidden temporary
+name, marked COMPLETE last, then renamed: a folder named `step-*` with the marker is always whole.
+Loading never unpickles objects (`weights_only=True`; DCP may read tensors only).
 Exports are `model.safetensors` + `config.yaml` (the config needed to rebuild the model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from parti import distributed
 from parti.distributed import Dist
 
+log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
+TENSORS = "tensors"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -70,6 +82,68 @@ def load_file_safely(path: Path) -> dict:
         raise RuntimeError(f"checkpoint file {path} is damaged or not a parti checkpoint: {err}") from err
 
 
+class TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
+    """DCP loading that refuses pickled objects: our checkpoints hold tensors only."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise RuntimeError(f"checkpoint entry {read_item.dest_index.fqn} is a pickled object, not a "
+                           "tensor: refused (parti checkpoints hold tensors only)")
+
+
+def _local() -> bool:
+    """DCP without a process group: a single process reads or writes the whole checkpoint."""
+    return not dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save and load that it assumes a single process; it does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def load_tensors(folder: Path, template: dict) -> None:
+    """Fill `template` (nested dicts of tensors, DTensors for shards) in place from a DCP folder."""
+    try:
+        with _quiet_single_process():
+            dcp.load(template, checkpoint_id=str(folder), planner=TensorsOnlyPlanner(),
+                     no_dist=_local())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint tensors missing: {folder}") from None
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure: name the folder
+        raise RuntimeError(f"checkpoint tensors in {folder} are damaged or do not match this model: "
+                           f"{err}") from err
+
+
+def read_tensors(folder: Path, path: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The flat tensor dict saved at `path` (e.g. ("ema",)) of a DCP folder, whole, in this process
+    alone (no process group, no model needed): inference from a checkpoint folder."""
+    prefix = ".".join(path) + "."
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    flat = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.items() if key.startswith(prefix)}
+    nested: dict = flat
+    for part in reversed(path):
+        nested = {part: nested}
+    with _quiet_single_process():
+        dcp.load(nested, checkpoint_id=str(folder), planner=TensorsOnlyPlanner(), no_dist=True)
+    return flat
+
+
+def read_shared(path: Path) -> dict:
+    """The rank-0 state (step, schedule, config, ...) of a complete checkpoint folder."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    shared = load_file_safely(path / "state.pt")
+    if not (path / TENSORS).is_dir() or "has_ema" not in shared:
+        raise RuntimeError(
+            f"{path} is a checkpoint of an older parti (weights inside state.pt, no {TENSORS}/ "
+            "folder): resume it with the parti that wrote it, or start a new run_dir")
+    return shared
+
+
 class Checkpointer:
     """Saves step folders, keeps the newest `keep_last`, finds the newest complete one."""
 
@@ -93,8 +167,9 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, shared: dict, per_rank: dict) -> Path:
-        """Write `shared` (rank 0) and every rank's `per_rank` state for `step`; collective."""
+    def save(self, step: int, shared: dict, per_rank: dict, tensors: dict) -> Path:
+        """Write `tensors` (every rank its shards), `shared` (rank 0) and every rank's `per_rank`
+        state for `step`; collective."""
         final = self.path(step)
         if final.is_dir() and (final / MARKER).is_file():
             return final
@@ -103,6 +178,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         distributed.barrier()
+        with _quiet_single_process():
+            dcp.save(tensors, checkpoint_id=str(tmp / TENSORS), no_dist=_local())
         torch.save(per_rank, tmp / f"rank-{self.dist.rank:03d}.pt")
         if self.dist.is_main:
             torch.save(shared, tmp / "state.pt")
@@ -122,19 +199,20 @@ class Checkpointer:
         for old in self.complete()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path) -> tuple[dict, dict]:
-        """(shared state, this rank's state) of a complete checkpoint folder."""
+    def load(self, path: Path, tensors: dict) -> dict | None:
+        """Fill `tensors` in place (collective) and return this rank's state (data position,
+        RNG), or None when the checkpoint was written by another number of ranks: weights and
+        optimizer reshard, per-rank streams cannot."""
         path = Path(path)
-        if not (path / MARKER).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        load_tensors(path / TENSORS, tensors)
         saved_world = json.loads((path / MARKER).read_text())["world_size"]
         if saved_world != self.dist.world_size:
-            raise RuntimeError(
-                f"{path} was written by {saved_world} ranks, this run has {self.dist.world_size}: "
-                "resume with the same number of processes (the data position and RNG are per rank)")
-        shared = load_file_safely(path / "state.pt")
-        per_rank = load_file_safely(path / f"rank-{self.dist.rank:03d}.pt")
-        return shared, per_rank
+            if self.dist.is_main:
+                log.warning(f"{path} was written by {saved_world} ranks, this run has "
+                            f"{self.dist.world_size}: weights, optimizer, schedule and step are "
+                            "restored; each rank's data stream and RNG start afresh")
+            return None
+        return load_file_safely(path / f"rank-{self.dist.rank:03d}.pt")
 
 
 def export_weights(out_dir: Path, state_dict: dict, config: dict) -> Path:
@@ -160,9 +238,9 @@ def load_export(path: Path) -> tuple[dict, dict]:
         config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
         return load_file(str(path / "model.safetensors")), config
     if (path / MARKER).is_file():
-        shared = load_file_safely(path / "state.pt")
-        weights = shared["ema"] if "ema" in shared else shared["units"]["model"]["model"]
-        return weights, shared["export_config"]
+        shared = read_shared(path)
+        where = ("ema",) if shared["has_ema"] else ("units", "model", "model")
+        return read_tensors(path / TENSORS, where), shared["export_config"]
     raise FileNotFoundError(
         f"{path} is neither an export folder (model.safetensors + config.yaml) nor a complete "
         "checkpoint folder (step-N with a COMPLETE marker)")

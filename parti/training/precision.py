@@ -20,6 +20,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, fp32 matmuls and convolutions (the fp32 logits and losses, precision=fp32 runs)
+    use TF32 tensor cores: ~8x the fp32 rate on A100/H100 for a 10-bit mantissa."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
     """A zero-argument factory of the autocast context for this precision (a no-op for fp32)."""
     if precision == "fp32":

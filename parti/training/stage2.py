@@ -115,7 +115,7 @@ class PartiTask(Task):
         scalars = self.units["model"].step(prepared, loss_fn)
         loss = scalars.pop("total")
         out = {f"train/{k}": v for k, v in scalars.items() if k != "skipped"}
-        out.update({"train/loss": loss, "train/perplexity": float(torch.tensor(loss).exp()),
+        out.update({"train/loss": loss, "train/perplexity": loss.exp(),
                     "skipped": scalars["skipped"]})
         return out
 

@@ -9,6 +9,7 @@ resume, SIGTERM, logging, throughput) lives here once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -24,17 +25,35 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from parti import distributed
 from parti.config import to_container
 from parti.distributed import Dist
-from parti.distributed.checkpoint import Checkpointer, rng_state, set_rng_state
+from parti.distributed.checkpoint import (
+    Checkpointer,
+    export_weights,
+    read_shared,
+    rng_state,
+    set_rng_state,
+)
+from parti.distributed.parallel import full_tensor, full_tensors, gather_to_cpu, parallelize
+from parti.models.layers import TransformerBlock
 from parti.training.ema import EMA
 from parti.training.logging import RunLogger
 from parti.training.optim import build_optimizer, build_scheduler
 from parti.training.perf import RateMeter, peak_flops
-from parti.training.precision import autocast_factory, make_scaler, resolve_precision
+from parti.training.precision import (
+    allow_tf32,
+    autocast_factory,
+    make_scaler,
+    resolve_precision,
+)
 
 
 @dataclass
@@ -108,6 +127,7 @@ def start_run(cfg: DictConfig, validate: Callable[[DictConfig, int], None],
     dist = init_and_validate(cfg, validate, inputs or {})
     torch.manual_seed(cfg.trainer.seed)
     precision = resolve_precision(cfg.trainer.precision, dist.device)
+    allow_tf32(dist.device)
     run_dir = resolve_run_dir(cfg, dist)
     return Run(cfg=cfg, dist=dist, run_dir=run_dir, precision=precision,
                autocast=autocast_factory(precision, dist.device))
@@ -139,62 +159,95 @@ def skipped_totals(skipped: dict[str, int], device: torch.device) -> dict[str, f
 class OptimizerUnit:
     """One trained module with its optimizer, schedule and scaler: accumulate, clip, step.
 
-    `module` is the plain model (checkpoints, EMA, evaluation); `wrapped` is what the loss calls
-    (DDP and/or torch.compile around it).
+    `module` is the model itself (sharded in place under FSDP): state dicts, EMA. `wrapped` is what
+    the loss calls (DDP and/or torch.compile around it). Transformer blocks are the units of FSDP
+    sharding and activation checkpointing.
     """
 
     def __init__(self, module: nn.Module, run: Run):
         cfg = run.cfg
-        self.module = module.to(run.device)
+        t = cfg.trainer
         self.run = run
-        # Buffers (e.g. codebook usage counts) are per rank; models that need them equal sync them.
-        self.ddp = DDP(self.module, broadcast_buffers=False) if run.dist.enabled else None
-        wrapped = self.ddp or self.module
-        self.wrapped = torch.compile(wrapped) if cfg.trainer.compile else wrapped
+        # Under FSDP no whole copy survives on the device: evaluation rebuilds one from this skeleton.
+        self._skeleton = copy.deepcopy(module).to("meta") if t.strategy == "fsdp" else None
+        self._replica: nn.Module | None = None
+        self.parallel = parallelize(module.to(run.device), t.strategy, run.dist, run.precision,
+                                    t.activation_checkpointing, (TransformerBlock,))
+        self.module = self.parallel.module
+        wrapped = self.parallel.wrapped
+        self.wrapped = torch.compile(wrapped) if t.compile else wrapped
         self.optimizer = build_optimizer(self.module, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = make_scaler(run.precision, run.device)
-        self.clip = cfg.trainer.grad_clip
+        self.clip = t.grad_clip
 
     def step(self, micro_batches: list, loss_fn: Callable[[nn.Module, dict, int], dict]) -> dict:
         """Accumulate `loss_fn(wrapped, batch, index)["total"]` over the micro-batches, then update.
 
-        Gradients are synchronised only on the last micro-batch (`no_sync` on the others). A
-        non-finite gradient norm skips the update (reported as `skipped`: 1.0). The schedule
+        Gradients are reduced over ranks only on the last micro-batch. Losses stay on the device
+        (the loop reads them once per log interval); the one host read per step is whether the
+        gradient norm is finite: a non-finite one skips the update (`skipped`: 1.0). The schedule
         advances either way, so the lr is always a function of the step.
         """
         n = len(micro_batches)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor | float] = {}
         for i, batch in enumerate(micro_batches):
-            sync = self.ddp is None or i == n - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with self.parallel.gradient_sync(i == n - 1):
                 with self.run.autocast():
                     losses = loss_fn(self.wrapped, batch, i)
                 self.scaler.scale(losses["total"] / n).backward()
             for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) / n
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / n
         self.scaler.unscale_(self.optimizer)
         max_norm = self.clip if self.clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
-        finite = math.isfinite(grad_norm)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        finite = bool(torch.isfinite(norm))  # the norm over every shard of every rank
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        totals.update(grad_norm=grad_norm if finite else 0.0, skipped=0.0 if finite else 1.0,
+        totals.update(grad_norm=norm if finite else 0.0, skipped=0.0 if finite else 1.0,
                       lr=self.scheduler.get_last_lr()[0])
         self.scheduler.step()
         return totals
 
-    def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+    def tensor_state(self) -> dict:
+        """Weights and optimizer moments, keyed by parameter name, sharded as held (DCP)."""
+        return {"model": get_model_state_dict(self.module),
+                "optimizer": get_optimizer_state_dict(self.module, self.optimizer)["state"]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+    def shared_state(self) -> dict:
+        """The rest, equal on every rank: schedule, scaler, optimizer hyperparameters."""
+        groups = get_optimizer_state_dict(self.module, self.optimizer)["param_groups"]
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "param_groups": groups}
+
+    def load_state(self, tensors: dict, shared: dict) -> None:
+        """Restore from `tensor_state()` (filled from a checkpoint) and `shared_state()`."""
+        set_model_state_dict(self.module, tensors["model"])
+        set_optimizer_state_dict(self.module, self.optimizer, {
+            "state": tensors["optimizer"], "param_groups": shared["param_groups"]})
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+
+    def replica(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain (unsharded) copy of the module holding `state`, a possibly sharded state dict
+        (gathering it is collective under FSDP). Under FSDP the copy is built for this call only,
+        in bf16 when training in bf16 (evaluation runs under autocast anyway): 2 bytes/param."""
+        replica = self._replica
+        if replica is None:
+            if self._skeleton is not None:
+                dtype = torch.bfloat16 if self.run.precision == "bf16" else torch.float32
+                replica = copy.deepcopy(self._skeleton).to_empty(device=self.run.device).to(dtype)
+            else:
+                replica = copy.deepcopy(self.module)
+                self._replica = replica  # kept: no gathering, a copy costs only memory
+            replica.eval().requires_grad_(False)
+        own = replica.state_dict()
+        with torch.no_grad():
+            for name, tensor in full_tensors(state):
+                own[name].copy_(tensor)
+        return replica
 
 
 class Task(ABC):
@@ -207,8 +260,9 @@ class Task(ABC):
         """The endless training stream of this rank, positioned at `state` (None = the start)."""
 
     @abstractmethod
-    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
-        """One optimisation step; returns scalars tagged `group/name` and `skipped` (0 or 1)."""
+    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float | torch.Tensor]:
+        """One optimisation step; returns scalars tagged `group/name` (floats or 0-dim device
+        tensors, read only when logged) and `skipped` (0 or 1)."""
 
     @abstractmethod
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -246,17 +300,21 @@ class StopRequested:
     Under torch.distributed each check starts a non-blocking sum of every rank's flag and reads
     the sum started at the previous check, which has had a whole step to finish: no rank waits on
     the others every step, and every rank stops at the same step, one step after the signal.
+    After the loop has saved, `hand_over` passes the signal on to the handler installed before
+    (under submitit: requeue the job, so a preempted SLURM run continues from that checkpoint).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.flag = False
+        self.received: int | None = None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.flag = True
+        self.received = signum
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank once any rank was signalled (so all save and stop together)."""
@@ -277,6 +335,13 @@ class StopRequested:
             self._pending = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def hand_over(self) -> None:
+        """Run the previous handler of the signal this rank received (if it had one of its own)."""
+        handler = self._previous.get(self.received) if self.received is not None else None
+        self.restore()
+        if callable(handler):
+            handler(self.received, None)
 
 
 class Trainer:
@@ -305,20 +370,23 @@ class Trainer:
         path = self.checkpointer.latest() if mode == "auto" else Path(mode)
         if path is None:
             return None
-        shared, own = self.checkpointer.load(path)
+        shared = read_shared(path)
         self._check_stage(path, shared)
+        tensors = self._tensor_state(with_ema=shared["has_ema"] and self.ema is not None)
+        own = self.checkpointer.load(path, tensors)
         for name, unit in self.task.units.items():
-            unit.load_state_dict(shared["units"][name])
+            unit.load_state(tensors["units"][name], shared["units"][name])
         if self.ema is not None:
-            if "ema" in shared:
-                self.ema.load_state_dict(shared["ema"])
+            if shared["has_ema"]:
+                self.ema.load_state_dict(tensors["ema"])
             else:  # EMA switched on at this resume: it starts from the resumed weights
                 self.ema = EMA(self.task.units["model"].module, self.cfg.trainer.ema_decay)
         self.task.load_extra_state(shared["task"])
         self.step = shared["step"]
         self.bad_total = shared["bad_steps"]
-        set_rng_state(own["rng"])
-        self.loader_state = own["data"]
+        if own is not None:
+            set_rng_state(own["rng"])
+            self.loader_state = own["data"]
         return path
 
     def _check_stage(self, path: Path, shared: dict) -> None:
@@ -331,19 +399,40 @@ class Trainer:
                 "resume= takes a checkpoint folder (<run_dir>/checkpoints/step-N) written by the "
                 "same stage (train_vqgan.py: vitvqgan, train_parti.py: parti)")
 
+    def _tensor_state(self, with_ema: bool) -> dict:
+        """Everything held as (possibly sharded) tensors: weights, optimizer moments, EMA."""
+        tensors = {"units": {name: unit.tensor_state() for name, unit in self.task.units.items()}}
+        if with_ema:
+            tensors["ema"] = self.ema.state_dict()
+        return tensors
+
     def save(self, loader) -> Path:
         shared = {"step": self.step, "config": to_container(self.cfg), "bad_steps": self.bad_total,
-                  "units": {name: unit.state_dict() for name, unit in self.task.units.items()},
-                  "task": self.task.extra_state(), "export_config": self.task.export_config()}
-        if self.ema is not None:
-            shared["ema"] = self.ema.state_dict()
+                  "units": {name: unit.shared_state() for name, unit in self.task.units.items()},
+                  "task": self.task.extra_state(), "export_config": self.task.export_config(),
+                  "has_ema": self.ema is not None}
         own = {"rng": rng_state(), "data": loader.state_dict()}
-        return self.checkpointer.save(self.step, shared, own)
+        return self.checkpointer.save(self.step, shared, own,
+                                      self._tensor_state(with_ema=self.ema is not None))
 
-    @property
     def eval_model(self) -> nn.Module:
-        """The EMA weights when kept, else the trained ones."""
-        return self.ema.model if self.ema is not None else self.task.units["model"].module
+        """The weights evaluation, image grids and export use: the EMA when kept, else the trained
+        ones, as a plain module. Collective under FSDP (the whole model is gathered on every rank):
+        call it on every rank."""
+        unit = self.task.units["model"]
+        if self.ema is None and not unit.parallel.sharded:
+            return unit.module
+        return unit.replica(self.ema.state_dict() if self.ema else unit.module.state_dict())
+
+    def export(self, out_dir: Path) -> None:
+        """Write the inference weights (one safetensors file of the whole model, fp32, the EMA
+        when kept); collective."""
+        unit = self.task.units["model"]
+        state = self.ema.state_dict() if self.ema is not None else unit.module.state_dict()
+        weights = gather_to_cpu(state, keep=self.run.dist.is_main)
+        if self.run.dist.is_main:
+            export_weights(out_dir, weights, self.task.export_config())
+        distributed.barrier()
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
@@ -386,20 +475,20 @@ class Trainer:
                 before_end = self.step < t.steps  # the end of the run evaluates and draws anyway
                 if t.eval_every and self.step % t.eval_every == 0 and before_end:
                     self._evaluate(logger)
-                if t.image_every and self.step % t.image_every == 0 and before_end and (
-                        run.dist.is_main):
-                    self.task.log_images(self.eval_model, logger, self.step)
+                if t.image_every and self.step % t.image_every == 0 and before_end:
+                    self._log_images(logger)
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.save(loader)
                 if stop.agreed(run.device):
                     path = self.save(loader)
                     logger.info(f"stop requested: saved {path} at step {self.step}; exiting")
+                    stop.hand_over()
                     return {}
             path = self.save(loader)
             logger.info(f"saved {path} ({self.step - resumed_from} steps this session)")
             final = self._evaluate(logger)
+            self._log_images(logger)
             if run.dist.is_main:
-                self.task.log_images(self.eval_model, logger, self.step)
                 record = {"step": self.step, **final}
                 (run.run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
                 logger.hparams(to_container(self.cfg), final)
@@ -442,8 +531,13 @@ class Trainer:
         logger.info(f"step {self.step} " + " ".join(
             f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
+    def _log_images(self, logger: RunLogger) -> None:
+        model = self.eval_model()  # on every rank: gathering it may be collective
+        if self.run.dist.is_main:
+            self.task.log_images(model, logger, self.step)
+
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
-        metrics = self.task.evaluate(self.eval_model, self.step)
+        metrics = self.task.evaluate(self.eval_model(), self.step)
         logger.scalars(metrics, self.step)
         logger.info(f"eval step {self.step}: " + " ".join(
             f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
