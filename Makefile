@@ -38,8 +38,10 @@ demo: install  ## shapes shards -> text tokenizer -> stage 1 -> token shards -> 
 	$(PY) -m parti.eval.generation ckpt=$(DEMO)/parti/export n=512 'guidance=[1,1.5,3]' temperature=0.6
 	$(PY) -m parti.eval.report $(DEMO)/vqgan $(DEMO)/parti
 
-bench: install  ## benchmark tables (bench/)
-	$(PY) bench/throughput.py
+bench: install  ## ours vs the public parti-pytorch, one table (bench/RESULTS.md); under 10 min on 2 CPU cores
+	$(PY) -m pip install -q -e '.[bench]' torch==2.14.1 torchvision==0.29.1
+	$(PY) -m parti.data.shapes_dataset --out $(SHAPES)
+	$(PY) -m bench.compare --results bench/RESULTS.md
 
 lint: install  ## ruff check
 	.venv/bin/ruff check .

@@ -107,29 +107,31 @@ def sample_tokens(
 ) -> Tensor:
     """Image tokens (B, N) for the captions (B, L); `empty_*` (1, L) is the unconditional caption.
 
-    Row b's randomness comes from seeds[b] alone.
+    Row b's randomness comes from seeds[b] alone. The loop runs in inference mode (no autograd
+    bookkeeping per token); the returned tokens are an ordinary tensor.
     """
     batch, n = len(text_ids), model.num_image_tokens
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} captions")
     guided = cfg.guidance != 1.0
-    if guided:
-        text_ids = torch.cat([text_ids, empty_ids.expand(batch, -1)])
-        text_mask = torch.cat([text_mask, empty_mask.expand(batch, -1)])
-    uniforms = row_uniforms(seeds, n, text_ids.device)  # (B, N)
-    memory = model.encode_text(text_ids, text_mask)  # (B or 2B, L, D)
-    cache = model.new_cache(len(text_ids), like=memory)
-    out = torch.zeros(batch, n, dtype=torch.long, device=text_ids.device)
-    fed = None
-    for position in range(n):
-        logits = model.decode_step(fed, memory, text_mask, cache, position)[:, -1].float()
+    with torch.inference_mode():
         if guided:
-            logits = guided_logits(*logits.chunk(2), cfg.guidance)
-        logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-        token = draw(logits, uniforms[:, position])  # (B,)
-        out[:, position] = token
-        fed = token[:, None].repeat(2, 1) if guided else token[:, None]
-    return out
+            text_ids = torch.cat([text_ids, empty_ids.expand(batch, -1)])
+            text_mask = torch.cat([text_mask, empty_mask.expand(batch, -1)])
+        uniforms = row_uniforms(seeds, n, text_ids.device)  # (B, N)
+        memory = model.encode_text(text_ids, text_mask)  # (B or 2B, L, D)
+        cache = model.new_cache(len(text_ids), like=memory)
+        out = torch.zeros(batch, n, dtype=torch.long, device=text_ids.device)
+        fed = None
+        for position in range(n):
+            logits = model.decode_step(fed, memory, text_mask, cache, position)[:, -1].float()
+            if guided:
+                logits = guided_logits(*logits.chunk(2), cfg.guidance)
+            logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+            token = draw(logits, uniforms[:, position])  # (B,)
+            out[:, position] = token
+            fed = token[:, None].repeat(2, 1) if guided else token[:, None]
+    return out.clone()
 
 
 @torch.no_grad()

@@ -18,16 +18,23 @@ from torch import Tensor, nn
 
 @dataclass
 class KVCache:
-    """Keys and values of one attention layer, (B, H, S, Dh) each; `length` positions are filled."""
+    """Keys and values of one attention layer, (B, H, S, Dh) each; `length` positions are filled.
+
+    `mask` is the cross-attention key mask (B, 1, 1, S) built on the first call and reused by the
+    decoding steps after it (None: every key is attended).
+    """
 
     k: Tensor | None = None
     v: Tensor | None = None
     length: int = 0
+    mask: Tensor | None = None
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (e.g. to drop finished or duplicated samples)."""
         if self.k is not None:
             self.k, self.v = self.k[index], self.v[index]
+        if self.mask is not None:
+            self.mask = self.mask[index]
 
 
 @dataclass
@@ -44,9 +51,11 @@ def _merge_masks(
     """Boolean attention mask (B or 1, 1, Q, K), True = attend, from a key padding mask and/or causality.
 
     `causal_offset` is the absolute position of the first query: query i may see keys j <= offset + i.
+    When the first query already sees every key (one decoding step), causality masks nothing and
+    no mask is built for it.
     """
     mask = None
-    if causal_offset is not None:
+    if causal_offset is not None and causal_offset < k_len - 1:
         q_pos = torch.arange(q_len, device=device)[:, None] + causal_offset
         mask = (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, Q, K)
     if key_mask is not None:
@@ -69,7 +78,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def _heads(self, t: Tensor) -> Tensor:
-        return rearrange(t, "b t (h d) -> b h t d", h=self.heads)
+        """(B, T, H * Dh) -> (B, H, T, Dh), a view."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def _keys_values(self, src: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.to_kv(src).chunk(2, dim=-1)
@@ -90,14 +100,15 @@ class Attention(nn.Module):
         context's keys/values on the first call and reuses them afterwards.
         """
         q = self._heads(self.to_q(x))  # (B, H, T, Dh)
-        offset = None
+        offset, mask = None, None
         if context is not None:
             if cache is not None and cache.length > 0:
-                k, v = cache.k, cache.v
+                k, v, mask = cache.k, cache.v, cache.mask
             else:
                 k, v = self._keys_values(context)
+                mask = _merge_masks(key_mask, None, q.shape[2], k.shape[2], q.device)
                 if cache is not None:
-                    cache.k, cache.v, cache.length = k, v, k.shape[2]
+                    cache.k, cache.v, cache.length, cache.mask = k, v, k.shape[2], mask
         elif cache is not None:
             k_new, v_new = self._keys_values(x)
             start, end = cache.length, cache.length + x.shape[1]
@@ -115,9 +126,10 @@ class Attention(nn.Module):
         if offset == 0 and key_mask is None and q.shape[2] == k.shape[2]:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            mask = _merge_masks(key_mask, offset, q.shape[2], k.shape[2], q.device)
+            if context is None:
+                mask = _merge_masks(key_mask, offset, q.shape[2], k.shape[2], q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+        return self.proj(out.transpose(1, 2).flatten(2))
 
     def allocate_self_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:
         """An empty self-attention cache for `max_len` positions, dtype/device of `like`."""
@@ -197,3 +209,12 @@ class Position2d(nn.Module):
     def forward(self) -> Tensor:
         """All positions in raster order: (h * w, D)."""
         return rearrange(self.rows + self.cols, "h w d -> (h w) d")
+
+    def span(self, start: int, length: int) -> Tensor:
+        """Raster positions start .. start + length - 1: (length, D), the same rows as
+        `forward()[start : start + length]` without building the whole table (decoding steps)."""
+        width = self.cols.shape[1]
+        if length >= self.rows.shape[0] * width:
+            return self.forward()[start : start + length]
+        index = torch.arange(start, start + length, device=self.rows.device)
+        return self.rows[index // width, 0] + self.cols[0, index % width]

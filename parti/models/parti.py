@@ -210,7 +210,7 @@ class Parti(nn.Module):
         if tokens is not None:
             parts.append(self.image_emb(tokens))  # (B, T, D)
         x = torch.cat(parts, dim=1)
-        x = x + self.image_pos()[position : position + x.shape[1]]
+        x = x + self.image_pos.span(position, x.shape[1])
         return self.drop(x)
 
     def _decode(
@@ -242,6 +242,8 @@ class Parti(nn.Module):
             raise ValueError(
                 f"text has {text_ids.shape[1]} tokens, model.text_len is {self.cfg.text_len}"
             )
+        if torch.compiler.is_compiling():
+            return  # the value checks below wait on the data: eager runs make them
         if bool(((text_ids < 0) | (text_ids >= self.cfg.vocab_size)).any()):
             raise ValueError(f"text_ids must lie in [0, model.vocab_size={self.cfg.vocab_size})")
         if not bool(text_mask.any(dim=1).all()):
@@ -254,7 +256,8 @@ class Parti(nn.Module):
         """Raise ValueError for image tokens of the wrong shape, batch, length or range.
 
         full=False (tokens fed while decoding) checks the shape only: scanning the values would
-        wait on the device at every step, and sampled tokens are in range by construction.
+        wait on the device at every step, and sampled tokens are in range by construction. Inside
+        torch.compile the values are not scanned either (a graph break per call).
         """
         if tokens.ndim != 2 or tokens.dtype != torch.long or tokens.shape[0] != batch:
             raise ValueError(
@@ -266,7 +269,8 @@ class Parti(nn.Module):
                 f"got {tokens.shape[1]} image tokens, model.image_grid={self.cfg.image_grid} "
                 f"needs {self.num_image_tokens}: does the tokenizer's grid match?"
             )
-        if full and bool(((tokens < 0) | (tokens >= self.cfg.codebook_size)).any()):
+        if full and not torch.compiler.is_compiling() and bool(
+                ((tokens < 0) | (tokens >= self.cfg.codebook_size)).any()):
             raise ValueError(
                 f"image tokens must lie in [0, model.codebook_size={self.cfg.codebook_size})"
             )

@@ -1,0 +1,182 @@
+"""`make bench`: one table of parti against the public parti-pytorch (PyPI 0.2.0), in one process.
+
+    python -m bench.compare                             # print the table (under 10 min, 2-core CPU)
+    python -m bench.compare --results bench/RESULTS.md  # and keep it with the date
+
+Stage-2 training and sampling, stage-1 training, and the whole loop (shard loader, trainer) of
+both demo models. Contenders of a row run in alternating rounds, so machine load hits both; the
+ratios are from this one run. MFU is against the fp32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench import loop, stage1, stage2
+from bench.table import Row, markdown
+from bench.timing import interleaved, median, once, speedup
+from parti.training.perf import measured_matmul_flops
+
+
+@dataclass
+class Plan:
+    """Sizes and time budgets of one run (the full one, or a toy one for tests)."""
+
+    s2: stage2.Size = field(default_factory=stage2.Size)
+    train: tuple[tuple[int, int], ...] = ((8, 16), (16, 8))  # (grid, batch)
+    compile_grid: int = 16  # the training row also measured with torch.compile (0 = skip)
+    sample: tuple[tuple[int, int], ...] = ((8, 1), (8, 16), (16, 1), (16, 16))  # (grid, batch)
+    s1: stage1.Size = field(default_factory=stage1.Size)
+    s1_batch: int = 16
+    seconds: float = 16.0  # per interleaved row
+    shards: str = "data/shapes/train-{00000..00007}.tar"
+    text_model: str = "data/shapes/text.model"
+    token_grid: int = 16  # demo_parti's image grid and codebook, for the token shards
+    token_codebook: int = 512
+    tokens_per_shard: int = 500
+    vqgan_overrides: list[str] = field(default_factory=list)
+    parti_overrides: list[str] = field(default_factory=list)
+
+    @classmethod
+    def tiny(cls, shards: str, text_model: str, vqgan_overrides: list[str],
+             parti_overrides: list[str]) -> Plan:
+        return cls(s2=stage2.Size(dim=32, dec_layers=1, heads=2, codebook_size=64, text_len=8,
+                                  vocab_size=64),
+                   train=((2, 2), (4, 2)), compile_grid=0, sample=((2, 1), (4, 2)),
+                   s1=stage1.Size(image_size=32, patch_size=8, dim=32, layers=1, heads=2,
+                                  codebook_size=64, code_dim=8),
+                   s1_batch=2, seconds=0.3, shards=shards, text_model=text_model,
+                   token_grid=4, token_codebook=64, tokens_per_shard=16, vqgan_overrides=vqgan_overrides,
+                   parti_overrides=parti_overrides)
+
+
+def _rates(times: dict[str, list[float]], ours: str, ref: str, per_call: float
+           ) -> tuple[float, float, float]:
+    """(ref rate, our rate, round-by-round ratio) for `per_call` units of work per call."""
+    return (per_call / median(times[ref]), per_call / median(times[ours]),
+            speedup(times, ours, ref))
+
+
+def stage2_training(plan: Plan, matmul: float) -> list[Row]:
+    rows = []
+    for grid, batch in plan.train:
+        steps = stage2.train_steps(plan.s2, grid, batch)
+        t = interleaved({"ours": steps["ours"], "peer": steps["peer"]}, plan.seconds)
+        tokens = grid * grid * batch
+        work = f"train {grid}x{grid} grid, batch {batch}"
+        peer, ours, ratio = _rates(t, "ours", "peer", tokens)
+        rows.append(Row("2", work, "image tok/s", "peer", peer, ours, ratio, 1.5))
+        flops = ours * steps["flops_per_token"]
+        rows.append(Row("2", f"{work}: ours MFU", "GFLOP/s", "fp32 matmul", matmul / 1e9,
+                        flops / 1e9, flops / matmul, 0.6 if plan.s2.dim >= 256 else None))
+    if plan.compile_grid:
+        grid, batch = next((g, b) for g, b in plan.train if g == plan.compile_grid)
+        eager = stage2.train_steps(plan.s2, grid, batch)["ours"]
+        compiled = stage2.train_steps(plan.s2, grid, batch, compile=True)["ours"]
+        t = interleaved({"eager": eager, "compiled": compiled}, plan.seconds)
+        rows.append(Row("2", f"train {grid}x{grid} grid, batch {batch}: torch.compile",
+                        "image tok/s", "ours eager",
+                        *_rates(t, "compiled", "eager", grid * grid * batch)))
+    return rows
+
+
+def sampling(plan: Plan) -> list[Row]:
+    """Whole images, guided; ours is timed just before and just after the peer's one run."""
+    rows = []
+    for grid, batch in plan.sample:
+        fns = stage2.samplers(plan.s2, grid, batch)
+        fns["ours"]()  # warm-up
+        before, peer, after = once(fns["ours"]), once(fns["peer"]), once(fns["ours"])
+        ours = (before + after) / 2
+        n = grid * grid
+        target = 30.0 if n >= 256 else None
+        rows.append(Row("2", f"sample {n} tokens, guidance {stage2.GUIDANCE:g}, batch {batch}",
+                        "image tok/s", "peer", n * batch / peer, n * batch / ours, peer / ours,
+                        target, f"img/s: peer {batch / peer:.3g}, ours {batch / ours:.3g}"))
+    return rows
+
+
+def stage1_training(plan: Plan) -> list[Row]:
+    s, b = plan.s1, plan.s1_batch
+    steps = stage1.train_steps(s, b)
+    full = stage1.full_loss_step(s, b)["ours"]
+    t = interleaved({"ours": steps["ours"], "peer": steps["peer"], "full": full}, plan.seconds)
+    work = (f"train {s.image_size} px, patch {s.patch_size}, width {s.dim}, "
+            f"{s.layers}+{s.layers} layers, batch {b}")
+    return [Row("1", f"{work}: recon + quantizer", "img/s", "peer", *_rates(t, "ours", "peer", b),
+                1.5),
+            Row("1", f"{work}: ours + LPIPS + GAN (D step too)", "img/s",
+                "ours recon + quantizer", *_rates(t, "full", "ours", b))]
+
+
+def whole_loop(plan: Plan, tmp: Path) -> list[Row]:
+    tokens = loop.write_token_shards(plan.shards, tmp / "tokens", plan.token_grid,
+                                     plan.token_codebook, plan.tokens_per_shard)
+    demos = {"demo_vqgan": loop.vqgan(tmp / "vqgan", plan.shards, plan.vqgan_overrides),
+             "demo_parti": loop.parti(tmp / "parti", tokens, plan.text_model,
+                                      plan.parti_overrides)}
+    rows = []
+    for name, fns in demos.items():
+        t = interleaved({k: fns[k] for k in ("loader", "memory", "bare")}, plan.seconds)
+        rows.append(Row("loop", f"{name}: trainer step fed by the shard loader", "steps/s",
+                        "in-memory batch", *_rates(t, "loader", "memory", 1), 0.95))
+        rows.append(Row("loop", f"{name}: trainer step (task step + EMA)", "steps/s",
+                        "bare model step", *_rates(t, "memory", "bare", 1), 0.95))
+    return rows
+
+
+def run(plan: Plan) -> tuple[list[Row], dict]:
+    """Every row of the table, and what the run was measured on."""
+    start = time.perf_counter()
+    matmul = measured_matmul_flops(torch.device("cpu"), seconds=1.0)
+    rows = stage2_training(plan, matmul) + sampling(plan) + stage1_training(plan)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += whole_loop(plan, Path(tmp))
+    info = {"matmul_gflops": matmul / 1e9, "seconds": time.perf_counter() - start,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu": _cpu_name(), "load": os.getloadavg()}
+    return rows, info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def report(rows: list[Row], info: dict) -> str:
+    load = ", ".join(f"{x:.2f}" for x in info["load"])
+    return (f"{markdown(rows)}\n\nfp32 matmul rate measured in this run: "
+            f"{info['matmul_gflops']:.1f} GFLOP/s ({info['cpu']}, {info['threads']} threads, "
+            f"torch {info['torch']}); bench time {info['seconds']:.0f} s; load average at the "
+            f"end {load}.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, help="also write the table into this markdown file")
+    args = parser.parse_args()
+    rows, info = run(Plan())
+    text = report(rows, info)
+    print(text)
+    if args.results:
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        args.results.write_text(f"# Benchmark results (`make bench`)\n\nLatest run: {date}.\n\n"
+                                f"{text}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Stage 2 side by side: training steps and guided sampling, ours against the peer at one size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from bench import peer
+from parti.models.parti import Parti, PartiConfig
+from parti.sampling import SamplingConfig, sample_tokens
+from parti.training.optim import build_optimizer
+
+GUIDANCE = 3.0  # the peer's generate() always guides at 3 (its cond_scale is not passed on)
+PEER_TOP_FRACTION = 0.1  # the peer's filter_thres=0.9 keeps the top 10% of the logits
+
+
+@dataclass(frozen=True)
+class Size:
+    """One matched size: width, decoder depth, heads, MLP multiple, codebook, text length."""
+
+    dim: int = 256
+    dec_layers: int = 4
+    heads: int = 8
+    ff_mult: int = 4
+    codebook_size: int = 1024
+    text_len: int = 32
+    vocab_size: int = 512
+
+
+def ours(size: Size, grid: int) -> Parti:
+    cfg = PartiConfig(vocab_size=size.vocab_size, text_len=size.text_len,
+                      codebook_size=size.codebook_size, image_grid=grid, dim=size.dim,
+                      enc_layers=1, dec_layers=size.dec_layers, heads=size.heads,
+                      mlp_dim=size.ff_mult * size.dim, dropout=0.0)
+    return Parti(cfg)
+
+
+def theirs(size: Size, grid: int) -> torch.nn.Module:
+    return peer.parti(size.dim, size.dec_layers, size.heads, size.ff_mult, size.codebook_size,
+                      grid, size.dim)
+
+
+def adamw() -> object:
+    """Our stage-2 optimizer config (conf/optim/adamw.yaml) with a fixed lr."""
+    return OmegaConf.create({"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.96], "eps": 1e-8,
+                             "weight_decay": 0.045})
+
+
+def text(size: Size, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random caption ids (B, L) with a mask, and the empty caption's (1, L)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, size.vocab_size, (batch, size.text_len), generator=g)
+    return ids, torch.ones_like(ids, dtype=torch.bool)
+
+
+def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+    """Closures of one training step each: ours (optionally compiled) and the peer's."""
+    torch.manual_seed(0)
+    n = grid * grid
+    model = ours(size, grid)
+    optimizer = build_optimizer(model, adamw())
+    forward = torch.compile(model) if compile else model
+    ids, mask = text(size, batch)
+    tokens = torch.randint(0, size.codebook_size, (batch, n))
+
+    def ours_step() -> None:
+        logits = forward(ids, mask, tokens).float()
+        F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    other = theirs(size, grid)
+    other_opt = peer.optimizer(other)
+    embeds = torch.randn(batch, size.text_len, size.dim)
+    embed_mask = torch.ones(batch, size.text_len, dtype=torch.bool)
+
+    def peer_step() -> None:
+        other(text_token_embeds=embeds, text_mask=embed_mask, image_token_ids=tokens,
+              return_loss=True).backward()
+        other_opt.step()
+        other_opt.zero_grad(set_to_none=True)
+
+    return {"ours": ours_step, "peer": peer_step, "flops_per_token": model.flops_per_token()}
+
+
+def samplers(size: Size, grid: int, batch: int) -> dict:
+    """Closures that each sample one batch of full images with guidance: ours and the peer's."""
+    torch.manual_seed(0)
+    model = ours(size, grid).eval()
+    ids, mask = text(size, batch)
+    empty_ids, empty_mask = text(size, 1, seed=1)
+    cfg = SamplingConfig(guidance=GUIDANCE, top_k=int(PEER_TOP_FRACTION * size.codebook_size))
+    seeds = list(range(batch))
+
+    def ours_sample() -> torch.Tensor:
+        return sample_tokens(model, ids, mask, empty_ids, empty_mask, seeds, cfg)
+
+    other = theirs(size, grid).eval()
+    peer.feed_text(other, torch.randn(batch, size.text_len, size.dim),
+                   torch.ones(batch, size.text_len, dtype=torch.bool))
+
+    def peer_sample() -> torch.Tensor:
+        return other.generate([""] * batch)
+
+    return {"ours": ours_sample, "peer": peer_sample}

@@ -1,0 +1,41 @@
+"""bench/ at toy sizes: every row of the `make bench` table is there with positive numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+pytest.importorskip("parti_pytorch")  # the peer: pip install -e '.[bench]'
+
+from bench.compare import Plan, report, run  # noqa: E402
+
+COMMON = ["data.num_workers=0", "data.shuffle_buffer=32", "trainer.micro_batch=4",
+          "trainer.global_batch=4"]
+VQGAN = ["data.image_size=32", "model.image_size=32", "model.patch_size=8", "model.enc_dim=32",
+         "model.enc_layers=1", "model.enc_heads=2", "model.enc_mlp_dim=64", "model.dec_dim=32",
+         "model.dec_layers=1", "model.dec_heads=2", "model.dec_mlp_dim=64",
+         "model.codebook_size=64", "model.code_dim=8", "model.disc.channels=4",
+         "model.disc.max_channels=8"]
+PARTI = ["model.vocab_size=128", "model.text_len=24", "model.codebook_size=64",
+         "model.image_grid=4", "model.dim=32", "model.heads=2", "model.mlp_dim=64",
+         "model.enc_layers=1", "model.dec_layers=1"]
+
+
+def test_every_row_at_toy_size(shapes_dir):
+    plan = Plan.tiny(f"{shapes_dir}/train-{{00000..00003}}.tar", f"{shapes_dir}/text.model",
+                     COMMON + VQGAN, COMMON + PARTI)
+    rows, info = run(plan)
+    stage2 = [row.work for row in rows if row.section == "2"]
+    assert sum(w.startswith("train") and "MFU" not in w for w in stage2) == 2
+    assert sum(w.endswith("MFU") for w in stage2) == 2
+    assert sum(w.startswith("sample") for w in stage2) == 2
+    assert sum(row.section == "1" for row in rows) == 2
+    assert sum(row.section == "loop" for row in rows) == 4
+    for row in rows:
+        assert row.ref > 0 and row.ours > 0, row
+    assert info["matmul_gflops"] > 0
+    table = report(rows, info)
+    assert table.count("\n| ") == len(rows)
