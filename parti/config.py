@@ -73,7 +73,7 @@ class TrainerConfig:
     precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     grad_clip: float = 1.0                # max global grad norm (0 = off)
     ema_decay: float = 0.0                # EMA of the weights (0 = off)
-    compile: bool = False                 # torch.compile the model
+    compile: bool = False                 # torch.compile each Transformer block (or a block-less model)
     strategy: str = "ddp"                 # ddp (a full replica per rank) | fsdp (sharded, stage 2)
     activation_checkpointing: bool = False  # recompute each Transformer block's activations in backward
     log_every: int = 10

@@ -160,22 +160,21 @@ class OptimizerUnit:
     """One trained module with its optimizer, schedule and scaler: accumulate, clip, step.
 
     `module` is the model itself (sharded in place under FSDP): state dicts, EMA. `wrapped` is what
-    the loss calls (DDP and/or torch.compile around it). Transformer blocks are the units of FSDP
-    sharding and activation checkpointing.
+    the loss calls (the DDP wrapper, or the module). Transformer blocks are the units of FSDP
+    sharding, activation checkpointing and torch.compile.
     """
 
     def __init__(self, module: nn.Module, run: Run):
         cfg = run.cfg
         t = cfg.trainer
         self.run = run
-        # Under FSDP no whole copy survives on the device: evaluation rebuilds one from this skeleton.
-        self._skeleton = copy.deepcopy(module).to("meta") if t.strategy == "fsdp" else None
+        # The plain architecture, weightless: evaluation copies (EMA, FSDP) are built from it.
+        self._skeleton = copy.deepcopy(module).to("meta")
         self._replica: nn.Module | None = None
         self.parallel = parallelize(module.to(run.device), t.strategy, run.dist, run.precision,
-                                    t.activation_checkpointing, (TransformerBlock,))
+                                    t.activation_checkpointing, t.compile, (TransformerBlock,))
         self.module = self.parallel.module
-        wrapped = self.parallel.wrapped
-        self.wrapped = torch.compile(wrapped) if t.compile else wrapped
+        self.wrapped = self.parallel.wrapped
         self.optimizer = build_optimizer(self.module, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = make_scaler(run.precision, run.device)
@@ -236,13 +235,15 @@ class OptimizerUnit:
         in bf16 when training in bf16 (evaluation runs under autocast anyway): 2 bytes/param."""
         replica = self._replica
         if replica is None:
-            if self._skeleton is not None:
-                dtype = torch.bfloat16 if self.run.precision == "bf16" else torch.float32
-                replica = copy.deepcopy(self._skeleton).to_empty(device=self.run.device).to(dtype)
-            else:
-                replica = copy.deepcopy(self.module)
-                self._replica = replica  # kept: no gathering, a copy costs only memory
+            replica = copy.deepcopy(self._skeleton).to_empty(device=self.run.device)
+            unsaved = {name for name, _ in replica.named_buffers()} - set(replica.state_dict())
+            if unsaved:  # to_empty leaves them uninitialised and no state dict fills them
+                raise TypeError(f"non-persistent buffers {sorted(unsaved)} cannot be copied")
             replica.eval().requires_grad_(False)
+            if self.parallel.sharded and self.run.precision == "bf16":
+                replica.to(torch.bfloat16)
+            if not self.parallel.sharded:
+                self._replica = replica  # kept: it costs only memory, as a full copy exists anyway
         own = replica.state_dict()
         with torch.no_grad():
             for name, tensor in full_tensors(state):
