@@ -1,0 +1,33 @@
+"""Where the time of one benchmark row goes: torch.profiler's top operators for ours or the peer.
+
+    python -m bench.profile sample --grid 16 --batch 16          # ours, one guided sampling run
+    python -m bench.profile train --grid 8 --batch 16 --who peer # the peer's training step
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from torch.profiler import ProfilerActivity, profile
+
+from bench import stage2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("work", choices=["train", "sample"])
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--who", choices=["ours", "peer"], default="ours")
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+    build = stage2.train_steps if args.work == "train" else stage2.samplers
+    fn = build(stage2.Size(), args.grid, args.batch)[args.who]
+    fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
