@@ -139,14 +139,14 @@ def whole_loop(plan: Plan, tmp: Path) -> list[Row]:
 
 def run(plan: Plan) -> tuple[list[Row], dict]:
     """Every row of the table, and what the run was measured on."""
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     matmul = measured_matmul_flops(torch.device("cpu"), seconds=1.0)
     rows = stage2_training(plan, matmul) + sampling(plan) + stage1_training(plan)
     with tempfile.TemporaryDirectory() as tmp:
         rows += whole_loop(plan, Path(tmp))
     info = {"matmul_gflops": matmul / 1e9, "seconds": time.perf_counter() - start,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu": _cpu_name(), "load": os.getloadavg()}
+            "cpu": _cpu_name(), "load": (load_start, os.getloadavg()[0])}
     return rows, info
 
 
@@ -161,11 +161,11 @@ def _cpu_name() -> str:
 
 
 def report(rows: list[Row], info: dict) -> str:
-    load = ", ".join(f"{x:.2f}" for x in info["load"])
+    load = " -> ".join(f"{x:.2f}" for x in info["load"])
     return (f"{markdown(rows)}\n\nfp32 matmul rate measured in this run: "
             f"{info['matmul_gflops']:.1f} GFLOP/s ({info['cpu']}, {info['threads']} threads, "
-            f"torch {info['torch']}); bench time {info['seconds']:.0f} s; load average at the "
-            f"end {load}.")
+            f"torch {info['torch']}); bench time {info['seconds']:.0f} s; 1-min load average "
+            f"{load} (start -> end; above 0 means other jobs shared the cores).")
 
 
 def main() -> None:
