@@ -20,12 +20,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--who", choices=["ours", "peer"], default="ours")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=1, help="calls profiled after the warm-up")
     args = parser.parse_args()
     build = stage2.train_steps if args.work == "train" else stage2.samplers
     fn = build(stage2.Size(), args.grid, args.batch)[args.who]
-    fn()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(2):  # warm-up
         fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.calls):
+            fn()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -8,12 +8,21 @@ import time
 from collections.abc import Callable
 
 
-def interleaved(fns: dict[str, Callable[[], object]], seconds: float, rounds: int = 6,
-                warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each fn in each round; every round gives each fn ~seconds / rounds."""
+def warm(fn: Callable[[], object], seconds: float, calls: int = 2) -> None:
+    """Run fn for at least `calls` calls and `seconds`: the allocator (glibc raises its mmap
+    threshold as big buffers are freed) and caches settle; steps run several times slower until."""
+    start, done = time.perf_counter(), 0
+    while done < calls or time.perf_counter() - start < seconds:
+        fn()
+        done += 1
+
+
+def interleaved(fns: dict[str, Callable[[], object]], seconds: float, rounds: int = 6
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each fn in each round; every round gives each fn ~seconds / rounds,
+    after a warm-up of ~seconds / 4 each."""
     for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+        warm(fn, seconds / 4)
     per_call: dict[str, list[float]] = {name: [] for name in fns}
     budget = seconds / (rounds * len(fns))
     for _ in range(rounds):
