@@ -1,5 +1,10 @@
 """The whole training loop of each demo model: shard-loader-fed against in-memory batches, and the
-trainer's step (task step + EMA, as `Trainer.fit` runs it) against the bare model step."""
+trainer's step (task step + EMA, as `Trainer.fit` runs it) against the bare model step.
+
+The bare model starts from the task model's weights and follows the same lr schedule: the step's
+cost depends on the weights (demo_vqgan's code-entropy term meets slow denormal floats more or less
+often depending on the codebook).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from parti.data.write import write_tar
 from parti.models.vitvqgan import VitVQGAN, VitVQGANConfig
 from parti.training import stage2
 from parti.training.ema import EMA
-from parti.training.optim import build_optimizer
+from parti.training.optim import build_optimizer, build_scheduler
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import start_run
 
@@ -48,6 +53,12 @@ def write_token_shards(image_shards: str, out: Path, grid: int, codebook_size: i
              "tokens.npy": rng.integers(0, codebook_size, grid * grid).astype(np.int16)}
             for s in raw))
     return f"{out}/train-{{00000..{len(urls) - 1:05d}}}.tar"
+
+
+def _optimizer(model, cfg: DictConfig):
+    """The run's optimizer and lr schedule: the bare step's weights then move as the trainer's do."""
+    optimizer = build_optimizer(model, cfg.optim)
+    return optimizer, build_scheduler(optimizer, cfg.optim, cfg.trainer.steps)
 
 
 def _trainer_step(task, ema: EMA | None) -> Callable[[list[dict]], None]:
@@ -79,7 +90,8 @@ def vqgan(run_dir: Path, shards: str, overrides: list[str] = ()) -> dict:
                                  *overrides])
     task = VQGANTask(start_run(cfg, validate_vqgan))
     model = VitVQGAN(OmegaConf.to_object(cfg.model))
-    optimizer = build_optimizer(model, cfg.optim)
+    model.load_state_dict(task.units["model"].module.state_dict())  # same weights, same cost
+    optimizer, scheduler = _optimizer(model, cfg)
     contenders = _contenders(task, cfg)
     images = contenders.pop("fixed")["image"]
     disc = task.units["disc"].module
@@ -89,6 +101,7 @@ def vqgan(run_dir: Path, shards: str, overrides: list[str] = ()) -> dict:
         task.loss.generator_loss(images, recon, quant, 0, disc)["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
 
     return {**contenders, "bare": bare, "batch": cfg.trainer.micro_batch}
 
@@ -103,7 +116,8 @@ def parti(run_dir: Path, token_shards: str, text_model: str, overrides: list[str
     with mock.patch.object(stage2, "load_image_tokenizer", lambda path, device: tokenizer):
         task = stage2.PartiTask(start_run(cfg, validate_parti))
     model = stage2.Parti(OmegaConf.to_object(cfg.model))
-    optimizer = build_optimizer(model, cfg.optim)
+    model.load_state_dict(task.units["model"].module.state_dict())
+    optimizer, scheduler = _optimizer(model, cfg)
     contenders = _contenders(task, cfg)
     fixed = contenders.pop("fixed")
     ids, mask = task.text_tokenizer.encode(fixed["caption"], cfg.model.text_len)
@@ -114,5 +128,6 @@ def parti(run_dir: Path, token_shards: str, text_model: str, overrides: list[str
         F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
 
     return {**contenders, "bare": bare, "batch": cfg.trainer.micro_batch}
