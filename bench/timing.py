@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 
 def warm(fn: Callable[[], object], seconds: float, calls: int = 2) -> None:
-    """Run fn for at least `calls` calls and `seconds`: the allocator (glibc raises its mmap
-    threshold as big buffers are freed) and caches settle; steps run several times slower until."""
+    """Run fn for at least `calls` calls and `seconds`: the peer's training step was seen to run up
+    to 2x slower for its first ~10 calls (allocations and caches settling)."""
     start, done = time.perf_counter(), 0
     while done < calls or time.perf_counter() - start < seconds:
         fn()
