@@ -249,6 +249,7 @@ def _generate_batch(model, text_tokenizer, image_tokenizer, prompts, samples, cf
     text_len, k = model.cfg.text_len, cfg.candidates
     ids, mask = text_tokenizer.encode(prompts, text_len)
     empty_ids, empty_mask = text_tokenizer.encode([""], text_len)
+    model.check_text_values(torch.cat([ids, empty_ids]), torch.cat([mask, empty_mask]))
     seeds = [row_seed(seed, s, c) for s in samples for c in range(k)]  # prompt-major (B * K)
     tokens = sample_tokens(model, ids.repeat_interleave(k, 0).to(device),
                            mask.repeat_interleave(k, 0).to(device), empty_ids.to(device),

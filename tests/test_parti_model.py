@@ -152,19 +152,32 @@ def test_decode_step_rejects_misuse():
     "change, message",
     [
         (lambda i, m, t: (i, m, t[:, :-1]), "15 image tokens"),
-        (lambda i, m, t: (i, m, t + 32), "codebook_size"),
         (lambda i, m, t: (i, m.long(), t), "bool"),
         (lambda i, m, t: (i[:, :5], m, t), "shaped like"),
-        (lambda i, m, t: (i + 64, m, t), "vocab_size"),
         (lambda i, m, t: (F.pad(i, (0, 5)), F.pad(m, (0, 5)), t), "text_len is 12"),
-        (lambda i, m, t: (i, m & torch.tensor([[True], [False]]), t), "no real token"),
     ],
 )
-def test_forward_rejects_bad_inputs(change, message):
+def test_forward_rejects_bad_shapes(change, message):
     model = tiny_model()
     ids, mask, tokens = make_batch([2, 8])
     with pytest.raises(ValueError, match=message):
         model(*change(ids, mask, tokens))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda i, m, t: (i, m, t + 32), "codebook_size"),
+        (lambda i, m, t: (i + 64, m, t), "vocab_size"),
+        (lambda i, m, t: (i, m & torch.tensor([[True], [False]]), t), "no real token"),
+    ],
+)
+def test_data_path_checks_reject_bad_values(change, message):
+    model = tiny_model()
+    ids, mask, tokens = change(*make_batch([2, 8]))
+    with pytest.raises(ValueError, match=message):
+        model.check_text_values(ids, mask)
+        model.check_token_values(tokens)
 
 
 @pytest.mark.parametrize("name", ["parti_tiny", *SIZES])

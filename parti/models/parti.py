@@ -227,7 +227,7 @@ class Parti(nn.Module):
         return self.head(self.decoder_norm(x))
 
     def _check_text(self, text_ids: Tensor, text_mask: Tensor) -> None:
-        """Raise ValueError for text ids or a mask the encoder cannot take."""
+        """Raise ValueError for text ids or a mask of a shape or dtype the encoder cannot take."""
         if text_ids.ndim != 2 or text_ids.dtype != torch.long:
             raise ValueError(
                 f"text_ids must be a (B, L) long tensor, "
@@ -242,8 +242,13 @@ class Parti(nn.Module):
             raise ValueError(
                 f"text has {text_ids.shape[1]} tokens, model.text_len is {self.cfg.text_len}"
             )
-        if torch.compiler.is_compiling():
-            return  # the value checks below wait on the data: eager runs make them
+
+    def check_text_values(self, text_ids: Tensor, text_mask: Tensor) -> None:
+        """Raise ValueError for ids outside the vocabulary or a caption without a real token.
+
+        This and `check_token_values` scan values, so the data path calls them on CPU tensors:
+        the forward pass checks shapes only and never waits on the device.
+        """
         if bool(((text_ids < 0) | (text_ids >= self.cfg.vocab_size)).any()):
             raise ValueError(f"text_ids must lie in [0, model.vocab_size={self.cfg.vocab_size})")
         if not bool(text_mask.any(dim=1).all()):
@@ -252,13 +257,16 @@ class Parti(nn.Module):
                 "to at least one token, e.g. EOS"
             )
 
-    def _check_image_tokens(self, tokens: Tensor, batch: int, full: bool = True) -> None:
-        """Raise ValueError for image tokens of the wrong shape, batch, length or range.
+    def check_token_values(self, image_tokens: Tensor) -> None:
+        """Raise ValueError for image tokens outside the codebook (see `check_text_values`)."""
+        if bool(((image_tokens < 0) | (image_tokens >= self.cfg.codebook_size)).any()):
+            raise ValueError(
+                f"image tokens must lie in [0, model.codebook_size={self.cfg.codebook_size})"
+            )
 
-        full=False (tokens fed while decoding) checks the shape only: scanning the values would
-        wait on the device at every step, and sampled tokens are in range by construction. Inside
-        torch.compile the values are not scanned either (a graph break per call).
-        """
+    def _check_image_tokens(self, tokens: Tensor, batch: int, full: bool = True) -> None:
+        """Raise ValueError for image tokens of the wrong shape, batch or (full=True, teacher
+        forcing) length; values are the data path's to check (`check_token_values`)."""
         if tokens.ndim != 2 or tokens.dtype != torch.long or tokens.shape[0] != batch:
             raise ValueError(
                 f"image tokens must be a ({batch}, N) long tensor, "
@@ -268,11 +276,6 @@ class Parti(nn.Module):
             raise ValueError(
                 f"got {tokens.shape[1]} image tokens, model.image_grid={self.cfg.image_grid} "
                 f"needs {self.num_image_tokens}: does the tokenizer's grid match?"
-            )
-        if full and not torch.compiler.is_compiling() and bool(
-                ((tokens < 0) | (tokens >= self.cfg.codebook_size)).any()):
-            raise ValueError(
-                f"image tokens must lie in [0, model.codebook_size={self.cfg.codebook_size})"
             )
 
     def num_params(self, non_embedding: bool = True) -> int:

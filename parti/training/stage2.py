@@ -82,6 +82,7 @@ class PartiTask(Task):
     def _tokens(self, batch: dict) -> Tensor:
         """Image tokens (B, N) of a batch: read from the shard or encoded now."""
         if "tokens" in batch:
+            self.model.check_token_values(batch["tokens"])  # read from a file: on the CPU, here
             tokens = batch["tokens"].to(self.run.device)
         else:
             with torch.no_grad(), self.run.autocast():
@@ -90,6 +91,7 @@ class PartiTask(Task):
 
     def _text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         ids, mask = self.text_tokenizer.encode(captions, self.model_cfg.text_len)
+        self.model.check_text_values(ids, mask)
         return ids.to(self.run.device), mask.to(self.run.device)
 
     def _drop_captions(self, captions: list[str]) -> list[str]:
