@@ -27,7 +27,9 @@ CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 def model_config(name: str):
     schema = PartiConfig if name.startswith("parti") else VitVQGANConfig
-    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(CONF / f"{name}.yaml"))
+    node = OmegaConf.load(CONF / f"{name}.yaml")
+    node = node.model if "model" in node else node  # parti_3b/20b are global-package files
+    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(merged)
 
 
