@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -95,10 +95,6 @@ def parallelize(module: nn.Module, strategy: str, d: Dist, precision: str,
         # Buffers (e.g. codebook usage counts) are per rank; models that need them equal sync them.
         return Parallel(module, DDP(module, broadcast_buffers=False), sharded=False)
     return Parallel(module, module, sharded=False)
-
-
-def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
 
 
 def full_tensor(value: Tensor) -> Tensor:
