@@ -1,111 +1,111 @@
-"""Training-step throughput of each stage's model (forward + backward + AdamW step), as a table.
+"""Stage-2 training throughput through the trainer's own step, for a lent GPU: one prepared run.
 
-    python bench/throughput.py                     # tiny configs on this machine's device
-    python bench/throughput.py --models parti_350m --batch 8 --precision bf16   # on a GPU
+    python -m bench.throughput                                # parti_350m, batch 8, bf16 on CUDA (~6 min)
+    python -m bench.throughput --model parti_tiny --steps 1 --compile off   # the tests' CPU run
 
-MFU = model FLOPs per second / the device peak (the known bf16 peak of a GPU, or the measured fp32
-matmul rate of a CPU: the ceiling an fp32 CPU run can reach).
+Rows: `trainer.strategy=ddp` in one process (the plain module) and `fsdp` (fully_shard on one
+device), each with `trainer.compile` off and on. The step is `OptimizerUnit.step`, as training runs
+it (autocast, clipping, fused AdamW with its on-device skip of non-finite steps), on random text
+and image tokens. Prints image tokens/s, model TFLOP/s, MFU against the device's peak (the known bf16
+peak of a GPU, the measured fp32 matmul rate of a CPU) and peak GPU memory, as a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from parti.models.parti import Parti, PartiConfig
-from parti.models.vitvqgan import VitVQGAN, VitVQGANConfig, count_block_params
+from parti import distributed
+from parti.config import register_configs, validate_parti
+from parti.models.parti import Parti
 from parti.training.perf import peak_flops
-from parti.training.precision import autocast_factory
+from parti.training.trainer import OptimizerUnit, start_run
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
-
-
-def model_config(name: str):
-    schema = PartiConfig if name.startswith("parti") else VitVQGANConfig
-    node = OmegaConf.load(CONF / f"{name}.yaml")
-    node = node.model if "model" in node else node  # parti_3b/20b are global-package files
-    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-    return OmegaConf.to_object(merged)
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def build(name: str, batch: int, device: torch.device):
-    """(model, loss closure, tokens per sample, FLOPs per sample)."""
-    cfg = model_config(name)
-    if isinstance(cfg, PartiConfig):
-        model = Parti(cfg).to(device)
-        n = cfg.image_grid**2
-        text = torch.randint(4, cfg.vocab_size, (batch, cfg.text_len), device=device)
-        mask = torch.ones_like(text, dtype=torch.bool)
-        tokens = torch.randint(0, cfg.codebook_size, (batch, n), device=device)
+def measure(model: str, strategy: str, compile_: bool, batch: int, steps: int,
+            run_dir: Path) -> dict:
+    """Seconds per step (after two warm-up steps, which include compilation) and peak memory."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train_parti", overrides=[
+            f"model={model}", f"trainer.strategy={strategy}", f"trainer.compile={compile_}",
+            f"trainer.micro_batch={batch}", f"trainer.global_batch={batch}",
+            "tokenizer.ckpt=unused", f"run_dir={run_dir}"])
+    run = start_run(cfg, validate_parti)
+    device = run.dist.device
+    parti = Parti(OmegaConf.to_object(cfg.model))
+    unit = OptimizerUnit(parti, run)
+    m = cfg.model
+    text = torch.randint(4, m.vocab_size, (batch, m.text_len), device=device)
+    mask = torch.ones_like(text, dtype=torch.bool)
+    tokens = torch.randint(0, m.codebook_size, (batch, m.image_grid**2), device=device)
 
-        def loss() -> torch.Tensor:
-            logits = model(text, mask, tokens).float()
-            return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
-
-        return model, loss, n, model.flops_per_token() * n
-    model = VitVQGAN(cfg).to(device)
-    images = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    n = (cfg.image_size // cfg.patch_size) ** 2
-
-    def loss() -> torch.Tensor:
-        recon, quant = model(images)
-        return F.mse_loss(recon.float(), images) + quant.loss
-
-    return model, loss, n, 6.0 * sum(count_block_params(cfg).values()) * n
-
-
-def bench(name: str, batch: int, precision: str, device: torch.device, steps: int) -> dict:
-    model, loss_fn, tokens, flops = build(name, batch, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = autocast_factory(precision, device)
+    def loss_fn(model, batch_, index):
+        logits = model(text, mask, tokens).float()
+        return {"total": F.cross_entropy(logits.flatten(0, 1), tokens.flatten())}
 
     def step() -> None:
-        with autocast():
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        unit.step([None], loss_fn)
 
     for _ in range(2):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / steps
-    return {"model": name, "batch": batch, "precision": precision, "step_ms": 1000 * seconds,
-            "samples_per_s": batch / seconds, "tokens_per_s": batch * tokens / seconds,
-            "tflops": batch * flops / seconds / 1e12}
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    tokens_per_step = batch * m.image_grid**2
+    return {"seconds": seconds, "tokens_per_s": tokens_per_step / seconds,
+            "flops_per_s": parti.flops_per_token() * tokens_per_step / seconds,
+            "memory_gb": memory / 1e9, "device": device, "precision": run.precision}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["vitvqgan_tiny", "parti_tiny"])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision if args.precision != "auto" else (
-        "bf16" if device.type == "cuda" else "fp32")
+    parser.add_argument("--model", default="parti_350m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for strategy in ("ddp", "fsdp"):
+            for compile_ in (c == "on" for c in args.compile):
+                r = measure(args.model, strategy, compile_, args.batch, args.steps, Path(tmp))
+                rows.append((strategy, compile_, r))
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    device = rows[0][2]["device"]
     peak = peak_flops(device, 0.0)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-          f", {torch.get_num_threads()} threads), peak {peak / 1e12:.3f} TFLOP/s")
-    print("| model | batch | precision | step ms | samples/s | tokens/s | TFLOP/s | MFU |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for name in args.models:
-        r = bench(name, args.batch, precision, device, args.steps)
-        print(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['step_ms']:.1f} | "
-              f"{r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3f} | "
-              f"{r['tflops'] * 1e12 / peak:.1%} |")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [f"{args.model}, batch {args.batch}, {rows[0][2]['precision']}, {name}; peak "
+             f"{peak / 1e12:.1f} TFLOP/s; torch {torch.__version__}", "",
+             "| strategy | torch.compile | step ms | image tok/s | TFLOP/s | MFU | peak GB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for strategy, compile_, r in rows:
+        lines.append(f"| {strategy} | {'on' if compile_ else 'off'} | {1000 * r['seconds']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['flops_per_s'] / 1e12:.2f} | "
+                     f"{r['flops_per_s'] / peak:.1%} | {r['memory_gb']:.1f} |")
+    distributed.shutdown()
+    table = "\n".join(lines)
+    print(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 The parallel machinery lives here, outside `parti.training`, so that data (token precompute, the
 shapes data) and inference (loading exports, `checkpoint`) never import the trainer.
-Plain `python` runs as a world of one; under torchrun every process drives one device (gloo on CPU,
-nccl on CUDA). Multi-node runs use torchrun's c10d rendezvous: nothing changes here. Under SLURM
+Plain `python` runs as a world of one; under torchrun every process drives one device (gloo on CPU;
+on CUDA, nccl for CUDA tensors and gloo for the few CPU ones, e.g. the stop flag). Multi-node runs use torchrun's c10d rendezvous: nothing changes here. Under SLURM
 without torchrun (one task per GPU, e.g. `hydra/launcher=slurm`), the layout comes from SLURM's
 environment and the first node of the allocation is the rendezvous host.
 """
@@ -55,6 +55,11 @@ def slurm_layout(env: Mapping[str, str]) -> dict[str, str]:
             "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist), "MASTER_PORT": port}
 
 
+def backend_for(device: torch.device) -> str:
+    """gloo on the CPU; on CUDA nccl for CUDA tensors and gloo for CPU ones (the stop flag)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed() -> Dist:
     """Join the process group torchrun (or SLURM) describes in the environment, or run alone."""
     os.environ.update(slurm_layout(os.environ))
@@ -67,8 +72,7 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend_for(device), rank=rank, world_size=world_size)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from parti.distributed import Dist
+from parti.distributed import Dist, backend_for
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -62,8 +62,8 @@ def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolic
 def _process_group(d: Dist) -> None:
     """FSDP needs a process group even for one process (e.g. `python train_parti.py` on 1 GPU)."""
     if not dist.is_initialized():
-        backend = "nccl" if d.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend_for(d.device), store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def parallelize(module: nn.Module, strategy: str, d: Dist, precision: str,

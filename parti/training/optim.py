@@ -21,13 +21,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def multi_tensor_kernels(params: list[torch.Tensor]) -> dict[str, bool]:
-    """{"fused": True} when every parameter is a plain float tensor on the CPU or a CUDA device
-    (one kernel updates them all), else {"foreach": True} (e.g. DTensors under FSDP).
+    """{"fused": True} when every parameter is a float tensor on the CPU or a CUDA device, plain or
+    a DTensor shard under FSDP (one kernel updates them all, and it can skip an update on the
+    device: `found_inf`), else {"foreach": True}.
 
     The default would loop over the parameters one by one on the CPU: several small ops each.
     """
-    plain = all(type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point() for p in params)
-    if plain and {p.device.type for p in params} <= {"cpu", "cuda"}:
+    floats = all(p.is_floating_point() for p in params)
+    if floats and {p.device.type for p in params} <= {"cpu", "cuda"}:
         return {"fused": True}
     return {"foreach": True}
 

@@ -20,12 +20,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def allow_tf32(device: torch.device) -> None:
-    """On CUDA, fp32 matmuls and convolutions (the fp32 logits and losses, precision=fp32 runs)
-    use TF32 tensor cores: ~8x the fp32 rate on A100/H100 for a 10-bit mantissa."""
+def fast_fp32_math(device: torch.device) -> None:
+    """The fastest fp32 arithmetic that keeps training's results.
+
+    On CUDA, fp32 matmuls and convolutions (the fp32 logits and losses, precision=fp32 runs) use
+    TF32 tensor cores: ~8x the fp32 rate on A100/H100 for a 10-bit mantissa. On the CPU, denormal
+    floats (below 1.2e-38: tiny gradients and Adam moments late in training) are flushed to zero:
+    x86 handles them in microcode, which made the demo's stage 1 ~25% slower after 100 steps.
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_flush_denormal(True)
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:

@@ -89,7 +89,7 @@ class VQGANTask(Task):
 
             d = self.units["disc"].step(images, disc_loss)
             self.disc_steps += 1
-            self.disc_nonfinite += int(d["skipped"])
+            self.disc_nonfinite = self.disc_nonfinite + d["skipped"]  # on the device
             out.update({f"disc/{k}": v for k, v in d.items() if k != "skipped"})
         out.update(self._codebook_upkeep(step + 1))
         return out
@@ -147,7 +147,7 @@ class VQGANTask(Task):
         return {"disc/nonfinite_steps": float(self.disc_nonfinite)}
 
     def extra_state(self) -> dict:
-        return {"disc_steps": self.disc_steps, "disc_nonfinite": self.disc_nonfinite}
+        return {"disc_steps": self.disc_steps, "disc_nonfinite": int(self.disc_nonfinite)}
 
     def load_extra_state(self, state: dict) -> None:
         self.disc_steps = state["disc_steps"]

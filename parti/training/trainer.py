@@ -49,8 +49,8 @@ from parti.training.logging import RunLogger
 from parti.training.optim import build_optimizer, build_scheduler
 from parti.training.perf import RateMeter, peak_flops
 from parti.training.precision import (
-    allow_tf32,
     autocast_factory,
+    fast_fp32_math,
     make_scaler,
     resolve_precision,
 )
@@ -127,7 +127,7 @@ def start_run(cfg: DictConfig, validate: Callable[[DictConfig, int], None],
     dist = init_and_validate(cfg, validate, inputs or {})
     torch.manual_seed(cfg.trainer.seed)
     precision = resolve_precision(cfg.trainer.precision, dist.device)
-    allow_tf32(dist.device)
+    fast_fp32_math(dist.device)
     run_dir = resolve_run_dir(cfg, dist)
     return Run(cfg=cfg, dist=dist, run_dir=run_dir, precision=precision,
                autocast=autocast_factory(precision, dist.device))
@@ -179,13 +179,17 @@ class OptimizerUnit:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = make_scaler(run.precision, run.device)
         self.clip = t.grad_clip
+        # Fused Adam/AdamW skip a non-finite step inside their kernel: no host read per step.
+        fused = bool(self.optimizer.defaults.get("fused"))
+        self.skips_on_device = fused and not self.scaler.is_enabled()
 
     def step(self, micro_batches: list, loss_fn: Callable[[nn.Module, dict, int], dict]) -> dict:
         """Accumulate `loss_fn(wrapped, batch, index)["total"]` over the micro-batches, then update.
 
-        Gradients are reduced over ranks only on the last micro-batch. Losses stay on the device
-        (the loop reads them once per log interval); the one host read per step is whether the
-        gradient norm is finite: a non-finite one skips the update (`skipped`: 1.0). The schedule
+        Gradients are reduced over ranks only on the last micro-batch. A non-finite gradient norm
+        skips the update (`skipped`: 1). Everything stays on the device (the loop reads it once
+        per log interval): fused Adam/AdamW skip through their `found_inf` input; only the other
+        optimizers and fp16 loss scaling read the norm's finiteness on the host. The schedule
         advances either way, so the lr is always a function of the step.
         """
         n = len(micro_batches)
@@ -200,12 +204,15 @@ class OptimizerUnit:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.clip if self.clip > 0 else math.inf
         norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
-        finite = bool(torch.isfinite(norm))  # the norm over every shard of every rank
-        if finite:
+        finite = torch.isfinite(norm)  # the norm over every shard of every rank
+        if self.skips_on_device:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+        elif bool(finite):
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        totals.update(grad_norm=norm if finite else 0.0, skipped=0.0 if finite else 1.0,
+        totals.update(grad_norm=torch.where(finite, norm, 0.0), skipped=(~finite).float(),
                       lr=self.scheduler.get_last_lr()[0])
         self.scheduler.step()
         return totals
@@ -300,7 +307,8 @@ class StopRequested:
 
     Under torch.distributed each check starts a non-blocking sum of every rank's flag and reads
     the sum started at the previous check, which has had a whole step to finish: no rank waits on
-    the others every step, and every rank stops at the same step, one step after the signal.
+    the others every step, and every rank stops at the same step, one step after the signal. The
+    flag is a CPU tensor (summed by gloo, also beside NCCL), so reading it never waits on the GPU.
     After the loop has saved, `hand_over` passes the signal on to the handler installed before
     (under submitit: requeue the job, so a preempted SLURM run continues from that checkpoint).
     """
@@ -317,11 +325,11 @@ class StopRequested:
         self.flag = True
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """True on every rank once any rank was signalled (so all save and stop together)."""
         if not dist.is_initialized():
             return self.flag
-        value = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        value = torch.tensor([1.0 if self.flag else 0.0])
         previous, self._pending = self._pending, (dist.all_reduce(value, async_op=True), value)
         if previous is None:
             return False
@@ -355,8 +363,10 @@ class Trainer:
         decay = self.cfg.trainer.ema_decay
         self.ema = EMA(task.units["model"].module, decay) if decay > 0 else None
         self.loader_state: dict | None = None
-        self.bad_streak = 0
-        self.bad_total = 0
+        # Non-finite steps, counted on the device and checked when logging or saving: in total,
+        # in a row up to the last step, and the longest run in a row so far.
+        zero = torch.zeros((), device=run.device)
+        self.bad_total, self.bad_streak, self.worst_streak = zero, zero, zero
 
     # ---------------------------------------------------------------- resume
     def resume(self) -> Path | None:
@@ -384,7 +394,7 @@ class Trainer:
                 self.ema = EMA(self.task.units["model"].module, self.cfg.trainer.ema_decay)
         self.task.load_extra_state(shared["task"])
         self.step = shared["step"]
-        self.bad_total = shared["bad_steps"]
+        self.bad_total = torch.tensor(float(shared["bad_steps"]), device=self.run.device)
         if own is not None:
             set_rng_state(own["rng"])
             self.loader_state = own["data"]
@@ -408,7 +418,9 @@ class Trainer:
         return tensors
 
     def save(self, loader) -> Path:
-        shared = {"step": self.step, "config": to_container(self.cfg), "bad_steps": self.bad_total,
+        self._check_bad_streak()
+        shared = {"step": self.step, "config": to_container(self.cfg),
+                  "bad_steps": int(self.bad_total),
                   "units": {name: unit.shared_state() for name, unit in self.task.units.items()},
                   "task": self.task.extra_state(), "export_config": self.task.export_config(),
                   "has_ema": self.ema is not None}
@@ -480,7 +492,7 @@ class Trainer:
                     self._log_images(logger)
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.save(loader)
-                if stop.agreed(run.device):
+                if stop.agreed():
                     path = self.save(loader)
                     logger.info(f"stop requested: saved {path} at step {self.step}; exiting")
                     stop.hand_over()
@@ -498,21 +510,24 @@ class Trainer:
             stop.restore()
             logger.close()
 
-    def _count_bad(self, skipped: float) -> None:
-        """Count non-finite steps; too many in a row stop the run (the last checkpoint is intact)."""
-        if skipped:
-            self.bad_streak += 1
-            self.bad_total += 1
-            if self.bad_streak >= self.cfg.trainer.max_bad_steps:
-                last = self.checkpointer.latest()
-                raise RuntimeError(
-                    f"{self.bad_streak} consecutive steps with a non-finite loss or gradient norm "
-                    f"(step {self.step}); the last good checkpoint is {last}. Lower lr, check the "
-                    "data, or use trainer.precision=fp32")
-        else:
-            self.bad_streak = 0
+    def _count_bad(self, skipped: torch.Tensor | float) -> None:
+        """Add this step's `skipped` (0 or 1) to the device-side counts (no host read)."""
+        self.bad_total = self.bad_total + skipped
+        self.bad_streak = (self.bad_streak + skipped) * skipped
+        self.worst_streak = torch.maximum(self.worst_streak, self.bad_streak)
+
+    def _check_bad_streak(self) -> None:
+        """Stop the run once max_bad_steps non-finite steps came in a row (skipped steps change no
+        weights, so the last checkpoint and the model are intact)."""
+        worst = int(self.worst_streak)
+        if worst >= self.cfg.trainer.max_bad_steps:
+            raise RuntimeError(
+                f"{worst} consecutive steps with a non-finite loss or gradient norm (seen at step "
+                f"{self.step}); the last good checkpoint is {self.checkpointer.latest()}. Lower "
+                "lr, check the data, or use trainer.precision=fp32")
 
     def _log(self, logger, loader, window, meter, tokens_per_sample, flops_per_sample, peak):
+        self._check_bad_streak()
         rate, step_time = meter.read()
         scalars = {key: total / count for key, (total, count) in window.items()}
         scalars = distributed.reduce_scalars(scalars, self.run.device)
