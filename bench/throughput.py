@@ -1,13 +1,13 @@
 """Stage-2 training throughput through the trainer's own step, for a lent GPU: one prepared run.
 
-    python -m bench.throughput                                # parti_350m, batch 8, bf16 on CUDA (~6 min)
-    python -m bench.throughput --model parti_tiny --steps 1 --compile off   # the tests' CPU run
+    python -m bench.throughput              # parti_350m, batch 8, bf16 on CUDA (~6 min on a GPU)
+    python -m bench.throughput --model parti_tiny --steps 1 --compile off    # the tests' CPU run
 
 Rows: `trainer.strategy=ddp` in one process (the plain module) and `fsdp` (fully_shard on one
 device), each with `trainer.compile` off and on. The step is `OptimizerUnit.step`, as training runs
 it (autocast, clipping, fused AdamW with its on-device skip of non-finite steps), on random text
-and image tokens. Prints image tokens/s, model TFLOP/s, MFU against the device's peak (the known bf16
-peak of a GPU, the measured fp32 matmul rate of a CPU) and peak GPU memory, as a markdown table.
+and image tokens. Prints image tokens/s, model TFLOP/s, MFU against the device's peak (the known
+bf16 peak of a GPU, the measured fp32 matmul rate of a CPU) and peak GPU memory as a markdown table.
 """
 
 from __future__ import annotations

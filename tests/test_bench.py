@@ -1,4 +1,5 @@
-"""bench/ at toy sizes: every row of the `make bench` table is there with positive numbers."""
+"""bench/ at toy sizes: every row of the `make bench` table is there with positive numbers; a new
+run keeps the results file's hand-written notes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-pytest.importorskip("parti_pytorch")  # the peer: pip install -e '.[bench]'
 
-from bench.compare import Plan, report, run  # noqa: E402
+from bench import throughput  # noqa: E402
+from bench.compare import Plan, notes_of, report, run  # noqa: E402
 
 COMMON = ["data.num_workers=0", "data.shuffle_buffer=32", "trainer.micro_batch=4",
           "trainer.global_batch=4"]
@@ -25,6 +26,7 @@ PARTI = ["model.vocab_size=128", "model.text_len=24", "model.codebook_size=64",
 
 
 def test_every_row_at_toy_size(shapes_dir):
+    pytest.importorskip("parti_pytorch")  # the peer: pip install -e '.[bench]'
     plan = Plan.tiny(f"{shapes_dir}/train-{{00000..00003}}.tar", f"{shapes_dir}/text.model",
                      COMMON + VQGAN, COMMON + PARTI)
     rows, info = run(plan)
@@ -39,3 +41,23 @@ def test_every_row_at_toy_size(shapes_dir):
     assert info["matmul_gflops"] > 0
     table = report(rows, info)
     assert table.count("\n| ") == len(rows)
+
+
+def test_a_new_run_keeps_the_notes_below_the_table(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    assert notes_of(results) == ""
+    notes = "\n## Where the time goes\n\nProfiles.\n"
+    results.write_text("# Benchmark results\n\n| old | table |\n" + notes)
+    assert notes_of(results) == notes
+    results.write_text("# Benchmark results\n\n| no | notes |\n")
+    assert notes_of(results) == ""
+
+
+def test_trainer_step_throughput_plain_and_fsdp(tmp_path):
+    # The prepared GPU run (python -m bench.throughput) at tiny size on the CPU, compile off.
+    table = throughput.main(["--model", "parti_tiny", "--batch", "2", "--steps", "1",
+                             "--compile", "off"])
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ddp")
+            or line.startswith("| fsdp")]
+    assert [r[0].strip() for r in rows] == ["ddp", "fsdp"]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # image tokens/s
