@@ -31,12 +31,16 @@ from parti.training.trainer import start_run
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def compose_demo(stage: str, overrides: list[str]) -> DictConfig:
-    """The config of `python train_{stage}.py experiment=demo_{stage} <overrides>`."""
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The config of `python {name}.py <overrides>`."""
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=f"train_{stage}", overrides=[f"experiment=demo_{stage}",
-                                                                   *overrides])
+        return compose(config_name=name, overrides=overrides)
+
+
+def compose_demo(stage: str, overrides: list[str]) -> DictConfig:
+    """The config of `python train_{stage}.py experiment=demo_{stage} <overrides>`."""
+    return compose_config(f"train_{stage}", [f"experiment=demo_{stage}", *overrides])
 
 
 def write_token_shards(image_shards: str, out: Path, grid: int, codebook_size: int,

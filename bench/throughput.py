@@ -20,27 +20,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from bench.loop import compose_config
 from parti import distributed
-from parti.config import register_configs, validate_parti
+from parti.config import validate_parti
 from parti.models.parti import Parti
 from parti.training.perf import peak_flops
 from parti.training.trainer import OptimizerUnit, start_run
-
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def measure(model: str, strategy: str, compile_: bool, batch: int, steps: int,
             run_dir: Path) -> dict:
     """Seconds per step (after two warm-up steps, which include compilation) and peak memory."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="train_parti", overrides=[
-            f"model={model}", f"trainer.strategy={strategy}", f"trainer.compile={compile_}",
-            f"trainer.micro_batch={batch}", f"trainer.global_batch={batch}",
-            "tokenizer.ckpt=unused", f"run_dir={run_dir}"])
+    cfg = compose_config("train_parti", [
+        f"model={model}", f"trainer.strategy={strategy}", f"trainer.compile={compile_}",
+        f"trainer.micro_batch={batch}", f"trainer.global_batch={batch}", "tokenizer.ckpt=unused",
+        f"run_dir={run_dir}"])
     run = start_run(cfg, validate_parti)
     device = run.dist.device
     parti = Parti(OmegaConf.to_object(cfg.model))
