@@ -35,7 +35,7 @@ demo: install  ## shapes shards -> text tokenizer -> stage 1 -> token shards -> 
 		tokenizer.ckpt=$(DEMO)/vqgan/export data.token_train_shards="'$(DEMO)/tokens/train-{00000..00007}.tar'" \
 		data.token_eval_shards=$(DEMO)/tokens/eval-00000.tar
 	$(PY) sample.py ckpt=$(DEMO)/parti/export
-	$(PY) -m parti.eval.generation ckpt=$(DEMO)/parti/export n=512 'guidance=[1,1.25,1.5,3]' temperature=0.6
+	$(PY) -m parti.eval.generation ckpt=$(DEMO)/parti/export n=512 'guidance=[1,1.25,1.5]' temperature=0.6
 	$(PY) -m parti.eval.report $(DEMO)/vqgan $(DEMO)/parti
 
 bench: install  ## ours vs the public parti-pytorch, one table (bench/RESULTS.md); under 10 min on 2 CPU cores

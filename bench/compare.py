@@ -44,7 +44,7 @@ class Plan:
     shards: str = "data/shapes/train-{00000..00007}.tar"
     text_model: str = "data/shapes/text.model"
     token_grid: int = 16  # demo_parti's image grid and codebook, for the token shards
-    token_codebook: int = 512
+    token_codebook: int = 1024
     tokens_per_shard: int = 500
     vqgan_overrides: list[str] = field(default_factory=list)
     parti_overrides: list[str] = field(default_factory=list)

@@ -245,6 +245,35 @@ def test_code_entropy_is_low_per_vector_and_high_over_a_spread_batch():
     assert code_entropy(spread, codes, 0.01, samples=2)[1].item() == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_code_entropy_of_confident_vectors_matches_a_float64_reference():
+    """Where float32 probabilities underflow (log p < -87: exp() is slow there on the CPU, and a
+    code no vector is near would get p = 0 and a NaN gradient) the entropies and their gradients
+    still match the float64 computation."""
+    torch.manual_seed(0)
+    codes = F.normalize(torch.randn(64, 8, dtype=torch.float64), dim=-1)
+    codes[-1] = -F.normalize(codes[:4].mean(dim=0), dim=0)  # far from every vector below
+    z_e = F.normalize(codes[torch.randint(4, (1, 32))] + 0.3 * torch.randn(1, 32, 8,
+                      dtype=torch.float64), dim=-1)
+    log_p = (z_e.reshape(-1, 8) @ codes.T / 0.004).log_softmax(dim=-1)
+    assert log_p[:, -1].max() < -110  # float32 exp() gives exactly 0 for the last code
+
+    def exact(z: torch.Tensor, c: torch.Tensor, temperature: float):
+        log_p = (z.reshape(-1, 8) @ c.T / temperature).log_softmax(dim=-1)  # float64: no underflow
+        p, mean_p = log_p.exp(), log_p.exp().mean(dim=0)
+        return -(p * log_p).sum(dim=-1).mean(), -(mean_p * mean_p.log()).sum()
+
+    results = []
+    for fn, dtype in ((code_entropy, torch.float32), (exact, torch.float64)):
+        z, c = z_e.to(dtype).requires_grad_(), codes.to(dtype).requires_grad_()
+        per_vector, batch = fn(z, c, 0.004)
+        (per_vector - 2 * batch).backward()
+        results.append([t.double() for t in (per_vector, batch, z.grad, c.grad)])
+    for ours, reference in zip(*results):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, reference, rtol=1e-4,
+                                   atol=1e-4 * reference.abs().max().item())
+
+
 def test_entropy_penalty_spreads_a_collapsed_codebook():
     """A few steps on the penalty alone move vectors that all chose one code onto several."""
     torch.manual_seed(0)

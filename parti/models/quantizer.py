@@ -34,6 +34,9 @@ class QuantizerOutput:
     codes: Tensor  # (K, code_dim) normalised codebook, with gradients
 
 
+_LOG_P_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal float32
+
+
 def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 0
                  ) -> tuple[Tensor, Tensor]:
     """(mean per-vector entropy, entropy of the batch-mean) of softmax(cos(z_e, codes) / T), nats.
@@ -48,7 +51,10 @@ def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 
         if 0 < samples < flat.shape[0]:
             flat = flat[torch.randperm(flat.shape[0], device=flat.device)[:samples]]
         log_p = (flat @ codes.float().T / temperature).log_softmax(dim=-1)  # (n, K)
-        p = log_p.exp()
+        # Below log p ~ -87 float32 p underflows: exp() takes a slow path on the CPU (20x this
+        # line's cost) and a code no vector is near gets mean_p = 0, whose xlogy gradient is NaN.
+        # The floor changes p by < 1e-34.
+        p = log_p.clamp_min(_LOG_P_FLOOR).exp()
         per_vector = -(p * log_p).sum(dim=-1).mean()
         mean_p = p.mean(dim=0)
         batch = -torch.special.xlogy(mean_p, mean_p).sum()
