@@ -10,7 +10,7 @@ from parti.config import validate_parti
 from parti.data.shards import iter_raw_samples
 from parti.data.transforms import ImageDecoder
 from parti.models.loading import load_image_tokenizer
-from parti.training.stage2 import PartiTask
+from parti.training.stage2 import PartiTask, top1_hits
 from parti.training.trainer import Trainer, start_run
 from tests.conftest import compose_config, record_losses, tiny_parti_overrides
 
@@ -179,3 +179,13 @@ def test_tokenizer_evaluation_command(shapes_dir, tiny_tokenizer, capsys):
     assert {"psnr", "lpips", "codebook_usage", "codebook_perplexity", "judge_all"} <= set(metrics)
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["psnr"] > 5
     assert "on 16 images" in capsys.readouterr().out
+
+
+def test_top1_hits_equal_argmax_accuracy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 16, 1024)
+    tokens = torch.randint(1024, (4, 16))
+    tokens[:, ::2] = logits[:, ::2].argmax(-1)  # half the positions predicted right
+    expected = (logits.argmax(-1) == tokens).float()
+    assert torch.equal(top1_hits(logits, tokens), expected)
+    assert expected.mean().item() >= 0.5
