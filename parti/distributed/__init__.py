@@ -3,9 +3,10 @@
 The parallel machinery lives here, outside `parti.training`, so that data (token precompute, the
 shapes data) and inference (loading exports, `checkpoint`) never import the trainer.
 Plain `python` runs as a world of one; under torchrun every process drives one device (gloo on CPU;
-on CUDA, nccl for CUDA tensors and gloo for the few CPU ones, e.g. the stop flag). Multi-node runs use torchrun's c10d rendezvous: nothing changes here. Under SLURM
-without torchrun (one task per GPU, e.g. `hydra/launcher=slurm`), the layout comes from SLURM's
-environment and the first node of the allocation is the rendezvous host.
+on CUDA, nccl for CUDA tensors and gloo for the few CPU ones, e.g. the stop flag). Multi-node runs
+use torchrun's c10d rendezvous: nothing changes here. Under SLURM without torchrun (one task per
+GPU, e.g. `hydra/launcher=slurm`), the layout comes from SLURM's environment and the first node of
+the allocation is the rendezvous host.
 """
 
 from __future__ import annotations

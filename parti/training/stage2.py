@@ -43,7 +43,6 @@ def check_compatible(model_cfg, text_tokenizer: TextTokenizer, image_tokenizer) 
                          f"tokenizer's grid {image_tokenizer.grid}")
 
 
-
 def top1_hits(logits: Tensor, tokens: Tensor) -> Tensor:
     """1.0 where the true token has the highest logit (B, N), else 0.0: the top-1 accuracy.
 
@@ -51,6 +50,7 @@ def top1_hits(logits: Tensor, tokens: Tensor) -> Tensor:
     1,024-code vocabulary on the CPU, where argmax was 3% of the demo's stage-2 step.
     """
     return (logits.gather(-1, tokens[..., None]).squeeze(-1) >= logits.amax(-1)).float()
+
 
 class PartiTask(Task):
     """Cross-entropy on image tokens given the caption; text dropout for guidance."""

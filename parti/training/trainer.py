@@ -205,14 +205,15 @@ class OptimizerUnit:
         max_norm = self.clip if self.clip > 0 else math.inf
         norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
         finite = torch.isfinite(norm)  # the norm over every shard of every rank
+        skipped = (~finite).float()
         if self.skips_on_device:
-            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.found_inf = skipped
             self.optimizer.step()
         elif bool(finite):
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        totals.update(grad_norm=torch.where(finite, norm, 0.0), skipped=(~finite).float(),
+        totals.update(grad_norm=torch.where(finite, norm, 0.0), skipped=skipped,
                       lr=self.scheduler.get_last_lr()[0])
         self.scheduler.step()
         return totals
