@@ -36,7 +36,7 @@ class Plan:
 
     s2: stage2.Size = field(default_factory=stage2.Size)
     train: tuple[tuple[int, int], ...] = ((8, 16), (16, 8))  # (grid, batch)
-    compile: bool = True  # also train ours under torch.compile (both ways are in the table)
+    compile: bool = True  # also train and sample ours under torch.compile (both ways in the table)
     sample: tuple[tuple[int, int], ...] = ((8, 1), (8, 16), (16, 1), (16, 16))  # (grid, batch)
     s1: stage1.Size = field(default_factory=stage1.Size)
     s1_batch: int = 16
@@ -111,20 +111,27 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
 
 
 def sampling(plan: Plan) -> list[Row]:
-    """Whole images, guided; ours is timed just before and just after the peer's one run."""
+    """Whole images, guided: ours eager and (plan.compile) compiled, each timed just before and
+    just after the peer's one run and warmed first (the compiled one compiles in its warm-up)."""
     rows = []
     for grid, batch in plan.sample:
-        fns = as_shipped(stage2.samplers(plan.s2, grid, batch), ours_flush=False)
-        fns["ours"]()  # warm-up; the peer's longest run (minutes) warms itself within the run
-        if grid * grid * batch < PEER_WARM_LIMIT:
+        fns = as_shipped(stage2.samplers(plan.s2, grid, batch, plan.compile), ours_flush=False)
+        ours = [name for name in fns if name != "peer"]
+        for name in ours:
+            fns[name]()
+        if grid * grid * batch < PEER_WARM_LIMIT:  # the longest peer runs (minutes) warm themselves
             fns["peer"]()
-        before, peer, after = once(fns["ours"]), once(fns["peer"]), once(fns["ours"])
-        ours = (before + after) / 2
+        before = {name: once(fns[name]) for name in ours}
+        peer = once(fns["peer"])
+        seconds = {name: (before[name] + once(fns[name])) / 2 for name in ours}
         n = grid * grid
-        target = 30.0 if n >= 256 else None
-        rows.append(Row("2", f"sample {n} tokens, guidance {stage2.GUIDANCE:g}, batch {batch}",
-                        "image tok/s", "peer", n * batch / peer, n * batch / ours, peer / ours,
-                        target, f"img/s: peer {batch / peer:.3g}, ours {batch / ours:.3g}"))
+        work = f"sample {n} tokens, guidance {stage2.GUIDANCE:g}, batch {batch}"
+        for name, label in (("ours", ", eager"), ("compiled", ", torch.compile")):
+            if name in seconds:
+                t = seconds[name]
+                rows.append(Row("2", work + label, "image tok/s", "peer", n * batch / peer,
+                                n * batch / t, peer / t, 30.0 if n >= 256 else None,
+                                f"img/s: peer {batch / peer:.3g}, ours {batch / t:.3g}"))
     return rows
 
 

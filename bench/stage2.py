@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +87,9 @@ def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dic
     return {"ours": ours_step, "peer": peer_step, "flops_per_token": model.flops_per_token()}
 
 
-def samplers(size: Size, grid: int, batch: int) -> dict:
-    """Closures that each sample one batch of full images with guidance: ours and the peer's."""
+def samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+    """Closures that each sample one batch of full images with guidance: ours, (compile) ours
+    with `compile=True` (the same tokens, faster steps), and the peer's."""
     torch.manual_seed(0)
     model = ours(size, grid).eval()
     ids, mask = text(size, batch)
@@ -95,8 +97,12 @@ def samplers(size: Size, grid: int, batch: int) -> dict:
     cfg = SamplingConfig(guidance=GUIDANCE, top_k=int(PEER_TOP_FRACTION * size.codebook_size))
     seeds = list(range(batch))
 
-    def ours_sample() -> torch.Tensor:
-        return sample_tokens(model, ids, mask, empty_ids, empty_mask, seeds, cfg)
+    def sampler(cfg: SamplingConfig) -> Callable[[], torch.Tensor]:
+        return lambda: sample_tokens(model, ids, mask, empty_ids, empty_mask, seeds, cfg)
+
+    fns = {"ours": sampler(cfg)}
+    if compile:
+        fns["compiled"] = sampler(replace(cfg, compile=True))
 
     other = theirs(size, grid).eval()
     peer.feed_text(other, torch.randn(batch, size.text_len, size.dim),
@@ -105,4 +111,4 @@ def samplers(size: Size, grid: int, batch: int) -> dict:
     def peer_sample() -> torch.Tensor:
         return other.generate([""] * batch)
 
-    return {"ours": ours_sample, "peer": peer_sample}
+    return {**fns, "peer": peer_sample}

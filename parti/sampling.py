@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +35,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
     candidates: int = 1  # draw this many images per sample and keep the best-scoring one
+    compile: bool = False  # decode through torch.compile: faster steps after a one-off compile
 
 
 def validate_sampling(cfg: SamplingConfig, prefix: str = "") -> None:
@@ -45,6 +46,7 @@ def validate_sampling(cfg: SamplingConfig, prefix: str = "") -> None:
         (cfg.top_k >= 0, "top_k", f"{cfg.top_k} must be >= 0 (0 = no top-k filter)"),
         (0 < cfg.top_p <= 1, "top_p", f"{cfg.top_p} must be in (0, 1] (1 = no nucleus filter)"),
         (cfg.candidates >= 1, "candidates", f"{cfg.candidates} must be >= 1"),
+        (isinstance(cfg.compile, bool), "compile", f"{cfg.compile!r} must be true or false"),
     )
     for ok, key, message in checks:
         check_config(ok, prefix + key, message)
@@ -108,7 +110,8 @@ def sample_tokens(
     """Image tokens (B, N) for the captions (B, L); `empty_*` (1, L) is the unconditional caption.
 
     Row b's randomness comes from seeds[b] alone. The loop runs in inference mode (no autograd
-    bookkeeping per token); the returned tokens are an ordinary tensor.
+    bookkeeping per token); the returned tokens are an ordinary tensor. With cfg.compile, steps
+    after the first run `Parti.decode_fixed` compiled once per batch size (see `_compiled_decoder`).
     """
     batch, n = len(text_ids), model.num_image_tokens
     if len(seeds) != batch:
@@ -123,15 +126,34 @@ def sample_tokens(
         cache = model.new_cache(len(text_ids), like=memory)
         out = torch.zeros(batch, n, dtype=torch.long, device=text_ids.device)
         fed = None
+        compiled = _compiled_decoder(model, text_ids.device) if cfg.compile else None
+        positions = torch.arange(n, device=text_ids.device)
         for position in range(n):
-            logits = model.decode_step(fed, memory, text_mask, cache, position)[:, -1].float()
+            if compiled is None or position == 0:
+                logits = model.decode_step(fed, memory, text_mask, cache, position)[:, -1]
+            else:
+                logits = compiled(fed, positions[position], cache)
+                for block_cache in cache:
+                    block_cache.self_attn.length = position + 1
+            logits = logits.float()
             if guided:
                 logits = guided_logits(*logits.chunk(2), cfg.guidance)
             logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
             token = draw(logits, uniforms[:, position])  # (B,)
             out[:, position] = token
-            fed = token[:, None].repeat(2, 1) if guided else token[:, None]
+            fed = (torch.cat([token, token]) if guided else token)[:, None]
     return out.clone()
+
+
+def _compiled_decoder(model: Parti, device: torch.device) -> Callable[..., Tensor]:
+    """`model.decode_fixed` under torch.compile, with fixed shapes (one trace per batch size).
+
+    On the CPU the compiled step is called through a C++ wrapper: at batch 1 the Python launch
+    of its ~40 small kernels would otherwise cost about as much as the kernels themselves. Past
+    torch's recompile limit (8 batch sizes or models) a step runs eager, with torch's warning.
+    """
+    options = {"cpp_wrapper": True} if device.type == "cpu" else {}
+    return torch.compile(model.decode_fixed, dynamic=False, options=options)
 
 
 @torch.no_grad()

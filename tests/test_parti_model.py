@@ -114,6 +114,24 @@ def test_cached_decoding_equals_teacher_forcing(prefill):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_fixed_shape_decoding_equals_teacher_forcing():
+    """decode_fixed (what the compiled sampler traces) gives teacher forcing's logits, padded
+    captions included, after a decode_step at position 0 has filled the caches."""
+    model = tiny_model().eval()
+    ids, mask, tokens = make_batch([2, 8, 5])
+    with torch.no_grad():
+        ref = model(ids, mask, tokens)
+        memory = model.encode_text(ids, mask)
+        cache = model.new_cache(3, like=memory)
+        outs = [model.decode_step(None, memory, mask, cache, 0)[:, -1]]
+        for position in range(1, N):
+            outs.append(model.decode_fixed(tokens[:, position - 1 : position],
+                                           torch.tensor(position), cache))
+    assert torch.allclose(torch.stack(outs, dim=1), ref, atol=1e-5)
+    with pytest.raises(RuntimeError, match="decode_fixed is for inference"):
+        model.train().decode_fixed(tokens[:, :1], torch.tensor(1), cache)
+
+
 def test_cached_decoding_reorders_batch_rows():
     model = tiny_model().eval()
     ids, mask, tokens = make_batch([2, 8, 5])

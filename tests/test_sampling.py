@@ -197,6 +197,32 @@ def test_batching_prompts_changes_no_image():
     assert not torch.equal(whole.tokens[0], whole.tokens[3])  # sample 1 of a prompt differs
 
 
+@pytest.mark.slow
+def test_compiled_sampling_draws_the_eager_samples():
+    """compile=True draws exactly the eager sampler's tokens: for two batch sizes in a row, and
+    past torch's recompile limit (the step then runs eager). The step compiles as one graph."""
+    model = tiny_model().eval()
+    ids, mask, empty_ids, empty_mask = text()
+    eager, compiled = (SamplingConfig(guidance=3.0, top_k=8, compile=c) for c in (False, True))
+
+    def both(rows):
+        seeds = [row_seed(3, i) for i in range(rows)]
+        args = (model, ids[:rows], mask[:rows], empty_ids, empty_mask, seeds)
+        return sample_tokens(*args, compiled), sample_tokens(*args, eager)
+
+    for rows in (4, 2):
+        assert torch.equal(*both(rows))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(*both(3))
+    with torch.inference_mode():
+        memory = model.encode_text(ids, mask)
+        cache = model.new_cache(4, like=memory)
+        model.decode_step(None, memory, mask, cache, 0)
+        explained = torch._dynamo.explain(model.decode_fixed)(ids[:, :1] % 8, torch.tensor(1),
+                                                               cache)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("guidance", -0.5, "guidance: -0.5 must be >= 0"),
     ("temperature", 0.0, "temperature: 0.0 must be > 0"),
@@ -204,6 +230,7 @@ def test_batching_prompts_changes_no_image():
     ("top_p", 0.0, r"top_p: 0.0 must be in \(0, 1\]"),
     ("top_p", 1.5, r"top_p: 1.5 must be in \(0, 1\]"),
     ("candidates", 0, "candidates: 0 must be >= 1"),
+    ("compile", "yes", "compile: 'yes' must be true or false"),
 ])
 def test_bad_sampling_values_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=f"config error: {message}"):

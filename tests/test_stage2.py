@@ -134,7 +134,7 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square at the top left\n")
     done = subprocess.run(
         [sys.executable, "sample.py", f"ckpt={export}", f"prompts_file={tmp_path}/prompts.txt",
-         "samples_per_prompt=2", "candidates=2", "top_p=0.9", "batch_size=3",
+         "samples_per_prompt=2", "candidates=2", "top_p=0.9", "batch_size=3", "compile=true",
          f"out={tmp_path}/samples"],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -151,6 +151,7 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
     (["temperature=0"], "config error: temperature: 0.0 must be > 0"),
     (["top_k=-2"], "config error: top_k: -2 must be >= 0"),
     (["top_p=1.5"], "config error: top_p: 1.5 must be in"),
+    (["compile=maybe"], "config error: compile: 'maybe' must be true or false"),
     (["ckpt=/nowhere"], "/nowhere does not exist"),
 ])
 def test_sample_py_names_each_bad_input(args, message, tmp_path):

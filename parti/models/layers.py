@@ -131,6 +131,32 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).flatten(2))
 
+    def step(self, x: Tensor, cache: KVCache, position: Tensor | None) -> Tensor:
+        """One decoding step with the same shapes at every position, so torch.compile traces it once.
+
+        x: (B, 1, D). Self-attention (`position` a 0-d long tensor): this step's key/value go into
+        slot `position` of the preallocated cache and the query attends to the slots <= position of
+        the whole buffer; `cache.length` is left to the caller (an int that changed each step would
+        be traced as a constant). Cross-attention (`position` None): the keys/values `forward`
+        cached. Attention is written out (two small matmuls and a softmax) for the compiler to fuse:
+        at one query a fused kernel call costs more than its arithmetic.
+        """
+        q = self._heads(self.to_q(x))  # (B, H, 1, Dh)
+        if position is None:
+            k, v, visible = cache.k, cache.v, cache.mask
+        else:
+            k_new, v_new = self._keys_values(x)
+            slot = position.view(1)
+            cache.k.index_copy_(2, slot, k_new.to(cache.k.dtype))
+            cache.v.index_copy_(2, slot, v_new.to(cache.v.dtype))
+            k, v = cache.k, cache.v
+            visible = torch.arange(k.shape[2], device=x.device) <= position  # (S,)
+        scores = (q @ k.transpose(-1, -2).to(q.dtype)) * q.shape[-1] ** -0.5  # (B, H, 1, S)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        out = scores.softmax(-1) @ v.to(q.dtype)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
     def allocate_self_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:
         """An empty self-attention cache for `max_len` positions, dtype/device of `like`."""
         head_dim = self.proj.in_features // self.heads
@@ -193,6 +219,13 @@ class TransformerBlock(nn.Module):
             x = x + self.drop(h)
         return x + self.drop(self.mlp(self.norm2(x)))
 
+    def step(self, x: Tensor, cache: BlockCache, position: Tensor) -> Tensor:
+        """One fixed-shape decoding step (`Attention.step`) at `position`, inference only: x (B, 1, D)."""
+        x = x + self.attn.step(self.norm1(x), cache.self_attn, position)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn.step(self.cross_norm(x), cache.cross_attn, None)
+        return x + self.mlp(self.norm2(x))
+
     def new_cache(self, batch: int, max_len: int, like: Tensor) -> BlockCache:
         """An empty cache for decoding up to `max_len` positions of this block."""
         return BlockCache(self_attn=self.attn.allocate_self_cache(batch, max_len, like))
@@ -216,5 +249,9 @@ class Position2d(nn.Module):
         width = self.cols.shape[1]
         if length >= self.rows.shape[0] * width:
             return self.forward()[start : start + length]
-        index = torch.arange(start, start + length, device=self.rows.device)
+        return self.at(torch.arange(start, start + length, device=self.rows.device))
+
+    def at(self, index: Tensor) -> Tensor:
+        """The embeddings (L, D) of the raster positions in the long tensor `index` (L,)."""
+        width = self.cols.shape[1]
         return self.rows[index // width, 0] + self.cols[0, index % width]

@@ -202,6 +202,22 @@ class Parti(nn.Module):
         x = self._decoder_inputs(tokens, position, memory.shape[0])  # (B, T', D)
         return self._decode(x, memory, text_mask, cache)
 
+    def decode_fixed(self, tokens: Tensor, position: Tensor, cache: list[BlockCache]) -> Tensor:
+        """Logits (B, K) of image token `position` from `tokens` (B, 1), image token position - 1.
+
+        The same computation as `decode_step` for one token at position >= 1, with `position` a
+        0-d long tensor and every shape the same at every position, so one torch.compile trace
+        serves the whole image. Inference only; the cache must hold the inputs before `position`
+        (a `decode_step` at position 0 fills it and the cross-attention keys/values); `length` is
+        the caller's to advance. Values are not checked here: the caller's loop feeds its own draws.
+        """
+        if self.training:
+            raise RuntimeError("decode_fixed is for inference: call model.eval() first")
+        x = self.image_emb(tokens) + self.image_pos.at(position.view(1))  # (B, 1, D)
+        for block, block_cache in zip(self.decoder, cache, strict=True):
+            x = block.step(x, block_cache, position)
+        return self.head(self.decoder_norm(x))[:, -1]
+
     def _decoder_inputs(self, tokens: Tensor | None, position: int, batch: int) -> Tensor:
         """Embedded decoder inputs (B, T', D) from `position` on: [start at 0] + embedded tokens."""
         parts = []
