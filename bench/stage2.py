@@ -89,7 +89,7 @@ def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dic
 
 def samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
     """Closures that each sample one batch of full images with guidance: ours, (compile) ours
-    with `compile=True` (the same tokens, faster steps), and the peer's."""
+    with `compile=True` (the same computation as one fixed-shape step), and the peer's."""
     torch.manual_seed(0)
     model = ours(size, grid).eval()
     ids, mask = text(size, batch)

@@ -35,7 +35,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
     candidates: int = 1  # draw this many images per sample and keep the best-scoring one
-    compile: bool = False  # decode through torch.compile: faster steps after a one-off compile
+    compile: bool = False  # decode through torch.compile: faster steps, one compile a batch size
 
 
 def validate_sampling(cfg: SamplingConfig, prefix: str = "") -> None:
@@ -127,14 +127,12 @@ def sample_tokens(
         out = torch.zeros(batch, n, dtype=torch.long, device=text_ids.device)
         fed = None
         compiled = _compiled_decoder(model, text_ids.device) if cfg.compile else None
-        positions = torch.arange(n, device=text_ids.device)
+        positions = torch.arange(n, device=text_ids.device) if cfg.compile else None
         for position in range(n):
             if compiled is None or position == 0:
                 logits = model.decode_step(fed, memory, text_mask, cache, position)[:, -1]
             else:
                 logits = compiled(fed, positions[position], cache)
-                for block_cache in cache:
-                    block_cache.self_attn.length = position + 1
             logits = logits.float()
             if guided:
                 logits = guided_logits(*logits.chunk(2), cfg.guidance)

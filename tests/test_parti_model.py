@@ -128,6 +128,8 @@ def test_fixed_shape_decoding_equals_teacher_forcing():
             outs.append(model.decode_fixed(tokens[:, position - 1 : position],
                                            torch.tensor(position), cache))
     assert torch.allclose(torch.stack(outs, dim=1), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="run decode_step at position 0 first"):
+        model.decode_fixed(tokens[:, :1], torch.tensor(1), model.new_cache(3, like=memory))
     with pytest.raises(RuntimeError, match="decode_fixed is for inference"):
         model.train().decode_fixed(tokens[:, :1], torch.tensor(1), cache)
 

@@ -134,7 +134,7 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square at the top left\n")
     done = subprocess.run(
         [sys.executable, "sample.py", f"ckpt={export}", f"prompts_file={tmp_path}/prompts.txt",
-         "samples_per_prompt=2", "candidates=2", "top_p=0.9", "batch_size=3", "compile=true",
+         "samples_per_prompt=2", "candidates=2", "top_p=0.9", "batch_size=3",
          f"out={tmp_path}/samples"],
         cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -3,7 +3,8 @@
 There is one attention module in the project. It does self- and cross-attention through
 `F.scaled_dot_product_attention` and, given a `KVCache`, incremental decoding: self-attention keys and
 values grow one step at a time in a preallocated buffer; cross-attention keys and values are computed
-from the context once and reused.
+from the context once and reused. `step` is the same decoding step with fixed shapes (the whole
+buffer, later slots masked) for torch.compile.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def step(self, x: Tensor, cache: KVCache, position: Tensor | None) -> Tensor:
-        """One decoding step with the same shapes at every position, so torch.compile traces it once.
+        """One decoding step with the same shapes at every position: torch.compile traces it once.
 
         x: (B, 1, D). Self-attention (`position` a 0-d long tensor): this step's key/value go into
         slot `position` of the preallocated cache and the query attends to the slots <= position of
@@ -220,7 +221,7 @@ class TransformerBlock(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
     def step(self, x: Tensor, cache: BlockCache, position: Tensor) -> Tensor:
-        """One fixed-shape decoding step (`Attention.step`) at `position`, inference only: x (B, 1, D)."""
+        """One fixed-shape decoding step (`Attention.step`) at `position`; x: (B, 1, D), inference."""
         x = x + self.attn.step(self.norm1(x), cache.self_attn, position)
         if self.cross_attn is not None:
             x = x + self.cross_attn.step(self.cross_norm(x), cache.cross_attn, None)

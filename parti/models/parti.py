@@ -208,11 +208,14 @@ class Parti(nn.Module):
         The same computation as `decode_step` for one token at position >= 1, with `position` a
         0-d long tensor and every shape the same at every position, so one torch.compile trace
         serves the whole image. Inference only; the cache must hold the inputs before `position`
-        (a `decode_step` at position 0 fills it and the cross-attention keys/values); `length` is
-        the caller's to advance. Values are not checked here: the caller's loop feeds its own draws.
+        (a `decode_step` at position 0 fills it and the cross-attention keys/values); its `length`
+        is not advanced (it stays where decode_step left it), so decode_step cannot continue after.
+        Values are not checked here: the caller's loop feeds its own draws.
         """
         if self.training:
             raise RuntimeError("decode_fixed is for inference: call model.eval() first")
+        if cache[0].cross_attn.k is None:
+            raise ValueError("decode_fixed continues a decode: run decode_step at position 0 first")
         x = self.image_emb(tokens) + self.image_pos.at(position.view(1))  # (B, 1, D)
         for block, block_cache in zip(self.decoder, cache, strict=True):
             x = block.step(x, block_cache, position)

@@ -54,8 +54,8 @@ def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 
         # Below log p ~ -87 float32 p underflows: exp() (here and inside log_softmax, forward and
         # backward) takes a slow path on the CPU, 20x its usual cost and more or less often as the
         # codebook moves, and a code no vector is near gets mean_p = 0, whose xlogy gradient is
-        # NaN. Logits further below their row's maximum are lifted to that floor, a shift without
-        # gradient (no clamp backward pass over n x K): p never underflows and moves by < e^-60.
+        # NaN. Logits more than 60 below their row's maximum are lifted to (maximum - 60), a shift
+        # without gradient (no clamp backward pass over n x K): p never underflows, moves < e^-60.
         with torch.no_grad():
             lift = (logits.amax(dim=-1, keepdim=True) - _LOGIT_RANGE - logits).clamp_min_(0)
         log_p = (logits + lift).log_softmax(dim=-1)
