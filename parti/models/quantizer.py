@@ -34,7 +34,7 @@ class QuantizerOutput:
     codes: Tensor  # (K, code_dim) normalised codebook, with gradients
 
 
-_LOGIT_RANGE = 60.0  # logits kept within this of their row's maximum: p >= e^-(60 + ln K), normal
+_LOG_P_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal float32
 
 
 def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 0
@@ -50,16 +50,11 @@ def code_entropy(z_e: Tensor, codes: Tensor, temperature: float, samples: int = 
         flat = z_e.reshape(-1, z_e.shape[-1]).float()
         if 0 < samples < flat.shape[0]:
             flat = flat[torch.randperm(flat.shape[0], device=flat.device)[:samples]]
-        logits = flat @ codes.float().T / temperature  # (n, K)
-        # Below log p ~ -87 float32 p underflows: exp() (here and inside log_softmax, forward and
-        # backward) takes a slow path on the CPU, 20x its usual cost and more or less often as the
-        # codebook moves, and a code no vector is near gets mean_p = 0, whose xlogy gradient is
-        # NaN. Logits more than 60 below their row's maximum are lifted to (maximum - 60), a shift
-        # without gradient (no clamp backward pass over n x K): p never underflows, moves < e^-60.
-        with torch.no_grad():
-            lift = (logits.amax(dim=-1, keepdim=True) - _LOGIT_RANGE - logits).clamp_min_(0)
-        log_p = (logits + lift).log_softmax(dim=-1)
-        p = log_p.exp()
+        log_p = (flat @ codes.float().T / temperature).log_softmax(dim=-1)  # (n, K)
+        # Below log p ~ -87 float32 p underflows: exp() takes a slow path on the CPU (20x this
+        # line's cost) and a code no vector is near gets mean_p = 0, whose xlogy gradient is NaN.
+        # The floor changes p by < 1e-34.
+        p = log_p.clamp_min(_LOG_P_FLOOR).exp()
         per_vector = -(p * log_p).sum(dim=-1).mean()
         mean_p = p.mean(dim=0)
         batch = -torch.special.xlogy(mean_p, mean_p).sum()
