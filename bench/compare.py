@@ -16,7 +16,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +37,7 @@ class Plan:
     s2: stage2.Size = field(default_factory=stage2.Size)
     train: tuple[tuple[int, int], ...] = ((8, 16), (16, 8))  # (grid, batch)
     compile: bool = True  # also train and sample ours under torch.compile (both ways in the table)
+    matched_kv: bool = True  # also ours with one key/value head per layer, as the peer's attention
     sample: tuple[tuple[int, int], ...] = ((8, 1), (8, 16), (16, 1), (16, 16))  # (grid, batch)
     s1: stage1.Size = field(default_factory=stage1.Size)
     s1_batch: int = 16
@@ -84,15 +85,26 @@ def as_shipped(fns: dict[str, Callable[[], object]], ours_flush: bool
     return {name: under(fn, ours_flush and name != "peer") for name, fn in fns.items()}
 
 
+def one_kv_head(size: stage2.Size) -> stage2.Size:
+    """Our model at `size` with the peer's key/value layout: one head per attention layer (the peer
+    also shares it between keys and values)."""
+    return replace(size, kv_heads=1)
+
+
+MATCHED_KV = ", 1 KV head (as the peer)"
+
+
 def stage2_training(plan: Plan, matmul: float) -> list[Row]:
-    """Per grid: ours eager and (plan.compile) ours under torch.compile, each against the peer;
-    our MFU against the measured matmul rate."""
+    """Per grid: ours eager, (plan.compile) ours under torch.compile and (plan.matched_kv) ours
+    with one key/value head, eager, each against the peer; our MFU against the matmul rate."""
     rows = []
     for grid, batch in plan.train:
         steps = stage2.train_steps(plan.s2, grid, batch)
         fns = {"ours": steps["ours"], "peer": steps["peer"]}
         if plan.compile:
             fns["compiled"] = stage2.train_steps(plan.s2, grid, batch, compile=True)["ours"]
+        if plan.matched_kv:
+            fns["matched"] = stage2.train_steps(one_kv_head(plan.s2), grid, batch)["ours"]
         t = interleaved(as_shipped(fns, ours_flush=True), plan.seconds)
         tokens = grid * grid * batch
         work = f"train {grid}x{grid} grid, batch {batch}"
@@ -104,6 +116,9 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
                             *_rates(t, "compiled", "peer", tokens), 1.5))
             compiled = tokens / median(t["compiled"]) * steps["flops_per_token"]
             extra = f"torch.compile: {compiled / 1e9:.1f} GFLOP/s = {compiled / matmul:.0%}"
+        if plan.matched_kv:
+            rows.append(Row("2", f"{work}{MATCHED_KV}, eager", "image tok/s", "peer",
+                            *_rates(t, "matched", "peer", tokens), 1.5))
         flops = ours * steps["flops_per_token"]
         rows.append(Row("2", f"{work}: ours eager MFU", "GFLOP/s", "fp32 matmul", matmul / 1e9,
                         flops / 1e9, flops / matmul, 0.6 if plan.s2.dim >= 256 else None, extra))
@@ -111,11 +126,18 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
 
 
 def sampling(plan: Plan) -> list[Row]:
-    """Whole images, guided: ours eager and (plan.compile) compiled, each timed just before and
-    just after the peer's one run and warmed first (the compiled one compiles in its warm-up)."""
+    """Whole images, guided: ours eager, (plan.compile) compiled and (plan.matched_kv) ours with one
+    key/value head (compiled if plan.compile), each timed just before and just after the peer's
+    one run and warmed first (a compiled one compiles in its warm-up)."""
     rows = []
+    labels = {"ours": ", eager", "compiled": ", torch.compile"}
     for grid, batch in plan.sample:
-        fns = as_shipped(stage2.samplers(plan.s2, grid, batch, plan.compile), ours_flush=False)
+        fns = stage2.samplers(plan.s2, grid, batch, plan.compile)
+        if plan.matched_kv:
+            fastest = "compiled" if plan.compile else "ours"
+            fns["matched"] = stage2.samplers(one_kv_head(plan.s2), grid, batch, plan.compile)[fastest]
+            labels["matched"] = MATCHED_KV + labels[fastest]
+        fns = as_shipped(fns, ours_flush=False)
         ours = [name for name in fns if name != "peer"]
         for name in ours:
             fns[name]()
@@ -126,12 +148,10 @@ def sampling(plan: Plan) -> list[Row]:
         seconds = {name: (before[name] + once(fns[name])) / 2 for name in ours}
         n = grid * grid
         work = f"sample {n} tokens, guidance {stage2.GUIDANCE:g}, batch {batch}"
-        for name, label in (("ours", ", eager"), ("compiled", ", torch.compile")):
-            if name in seconds:
-                t = seconds[name]
-                rows.append(Row("2", work + label, "image tok/s", "peer", n * batch / peer,
-                                n * batch / t, peer / t, 30.0 if n >= 256 else None,
-                                f"img/s: peer {batch / peer:.3g}, ours {batch / t:.3g}"))
+        for name, t in seconds.items():
+            rows.append(Row("2", work + labels[name], "image tok/s", "peer", n * batch / peer,
+                            n * batch / t, peer / t, 30.0 if n >= 256 else None,
+                            f"img/s: peer {batch / peer:.3g}, ours {batch / t:.3g}"))
     return rows
 
 

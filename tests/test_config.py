@@ -112,6 +112,7 @@ def test_unknown_key_in_a_structured_node_names_it():
     ("train_vqgan", ["loss.disc_loss=wasserstein"], "loss.disc_loss"),
     ("train_vqgan", ["data.num_workers=-1"], "data.num_workers"),
     ("train_parti", ["model.heads=3"], "model"),
+    ("train_parti", ["model.kv_heads=3"], "model.kv_heads must be null or an integer >= 1 dividing"),
     ("train_parti", ["model.text_dropout=1.5"], "model.text_dropout"),
     ("train_parti", ["tokenizer.ckpt="], "tokenizer.ckpt"),
     ("train_parti", ["data.token_train_shards="], "data.token_train_shards"),

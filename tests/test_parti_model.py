@@ -1,5 +1,6 @@
 """Stage-2 encoder-decoder: it learns, is causal, ignores padding, decodes with the KV cache exactly
-as teacher forcing does, has the paper's sizes, and rejects bad configs and inputs."""
+as teacher forcing does (multi-head, grouped- and multi-query), has the paper's sizes, and rejects
+bad configs and inputs."""
 
 import math
 
@@ -58,8 +59,12 @@ def decode_all(model: Parti, ids, mask, tokens, prefill: int = 0):
     return torch.cat(outs, dim=1)
 
 
-def test_adamw_steps_lower_the_loss():
-    model = tiny_model(dropout=0.0)
+KV_HEADS = [None, 2, 1]  # one key/value head per query head, 2 groups of 2, multi-query
+
+
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_adamw_steps_lower_the_loss(kv_heads):
+    model = tiny_model(dropout=0.0, kv_heads=kv_heads)
     ids, mask, tokens = make_batch([3, 8, 5, 1])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -74,8 +79,9 @@ def test_adamw_steps_lower_the_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_changing_image_token_j_never_changes_logits_up_to_j():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_changing_image_token_j_never_changes_logits_up_to_j(kv_heads):
+    model = tiny_model(kv_heads=kv_heads).eval()
     ids, mask, tokens = make_batch([5, 8])
     with torch.no_grad():
         ref = model(ids, mask, tokens)
@@ -103,9 +109,10 @@ def test_text_padding_changes_nothing():
         assert not torch.allclose(model(other_real, mask, tokens)[0], ref[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
 @pytest.mark.parametrize("prefill", [0, 5])
-def test_cached_decoding_equals_teacher_forcing(prefill):
-    model = tiny_model().eval()
+def test_cached_decoding_equals_teacher_forcing(prefill, kv_heads):
+    model = tiny_model(kv_heads=kv_heads).eval()
     ids, mask, tokens = make_batch([2, 8, 5])
     with torch.no_grad():
         ref = model(ids, mask, tokens)
@@ -114,10 +121,11 @@ def test_cached_decoding_equals_teacher_forcing(prefill):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_fixed_shape_decoding_equals_teacher_forcing():
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_fixed_shape_decoding_equals_teacher_forcing(kv_heads):
     """decode_fixed (what the compiled sampler traces) gives teacher forcing's logits, padded
     captions included, after a decode_step at position 0 has filled the caches."""
-    model = tiny_model().eval()
+    model = tiny_model(kv_heads=kv_heads).eval()
     ids, mask, tokens = make_batch([2, 8, 5])
     with torch.no_grad():
         ref = model(ids, mask, tokens)
@@ -134,8 +142,9 @@ def test_fixed_shape_decoding_equals_teacher_forcing():
         model.train().decode_fixed(tokens[:, :1], torch.tensor(1), cache)
 
 
-def test_cached_decoding_reorders_batch_rows():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_cached_decoding_reorders_batch_rows(kv_heads):
+    model = tiny_model(kv_heads=kv_heads).eval()
     ids, mask, tokens = make_batch([2, 8, 5])
     order = torch.tensor([2, 0])
     with torch.no_grad():
@@ -229,6 +238,11 @@ def test_flops_per_token_follows_the_closed_form():
     attention = 12 * d * (dec * (n + text_len) + enc * text_len**2 / n)
     expected = 6 * (per_image_token + per_text_token * text_len / n) + attention
     assert model.flops_per_token() == pytest.approx(expected, rel=0.01)
+    with torch.device("meta"):  # multi-query: keys/values 2 * d * d / heads per layer, not 2 d^2
+        model = Parti(PartiConfig(**{**vars(cfg), "kv_heads": 1}))
+    saved = 2 * d**2 * (1 - 1 / heads)
+    fewer = 6 * (dec * saved + (enc + dec) * saved * text_len / n)
+    assert model.flops_per_token() == pytest.approx(expected - fewer, rel=0.01)
 
 
 def test_residual_projections_are_scaled_by_depth():
@@ -256,6 +270,9 @@ def test_residual_projections_are_scaled_by_depth():
         ("enc_layers", 0),
         ("dec_layers", 2.5),
         ("heads", 0),
+        ("kv_heads", 3),
+        ("kv_heads", 0),
+        ("kv_heads", True),
         ("mlp_dim", 0),
         ("dropout", 1.0),
         ("text_dropout", -0.1),

@@ -200,12 +200,12 @@ def test_batching_prompts_changes_no_image():
 @pytest.mark.slow
 def test_compiled_sampling_draws_the_eager_samples():
     """compile=True draws exactly the eager sampler's tokens (float32, CPU): guided for two batch
-    sizes in a row, unguided, and past torch's recompile limit (the step then runs eager). The
-    step compiles as one graph."""
+    sizes in a row, unguided, multi-query, and past torch's recompile limit (the step then runs
+    eager). The step compiles as one graph."""
     model = tiny_model().eval()
     ids, mask, empty_ids, empty_mask = text()
 
-    def both(rows, guidance=3.0):
+    def both(rows, guidance=3.0, model=model):
         seeds = [row_seed(3, i) for i in range(rows)]
         args = (model, ids[:rows], mask[:rows], empty_ids, empty_mask, seeds)
         eager, compiled = (SamplingConfig(guidance=guidance, top_k=8, compile=c)
@@ -215,6 +215,7 @@ def test_compiled_sampling_draws_the_eager_samples():
     for rows in (4, 2):
         assert torch.equal(*both(rows))
     assert torch.equal(*both(2, guidance=1.0))
+    assert torch.equal(*both(2, model=tiny_model(kv_heads=1).eval()))
     with torch._dynamo.config.patch(recompile_limit=1):
         assert torch.equal(*both(3))
     with torch.inference_mode():

@@ -66,25 +66,34 @@ def _merge_masks(
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self-attention when `context` is None, cross-attention otherwise."""
+    """Multi-head attention: self-attention when `context` is None, cross-attention otherwise.
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None):
+    `kv_heads` key/value heads (default `heads`) are shared by groups of heads // kv_heads query
+    heads: 1 is multi-query attention (Shazeer 2019), in between grouped-query attention. Fewer
+    key/value heads shrink the key/value projections and the KV cache that decoding reads per token.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None,
+                 kv_heads: int | None = None):
         super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
-        self.heads = heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"attention heads {heads} are not divisible by kv_heads {kv_heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.dropout = dropout
         self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * kv_heads * self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        """(B, T, H * Dh) -> (B, H, T, Dh), a view."""
-        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+    def _heads(self, t: Tensor, heads: int) -> Tensor:
+        """(B, T, heads * Dh) -> (B, heads, T, Dh), a view."""
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
     def _keys_values(self, src: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.to_kv(src).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
+        return self._heads(k, self.kv_heads), self._heads(v, self.kv_heads)
 
     def forward(
         self,
@@ -100,7 +109,7 @@ class Attention(nn.Module):
         buffer must have been allocated by `allocate_self_cache`); cross-attention computes the
         context's keys/values on the first call and reuses them afterwards.
         """
-        q = self._heads(self.to_q(x))  # (B, H, T, Dh)
+        q = self._heads(self.to_q(x), self.heads)  # (B, H, T, Dh)
         offset, mask = None, None
         if context is not None:
             if cache is not None and cache.length > 0:
@@ -124,12 +133,15 @@ class Attention(nn.Module):
             k, v = self._keys_values(x)
             offset = 0 if causal else None
         dropout = self.dropout if self.training else 0.0
+        grouped = self.kv_heads != self.heads
         if offset == 0 and key_mask is None and q.shape[2] == k.shape[2]:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                 enable_gqa=grouped)
         else:
             if context is None:
                 mask = _merge_masks(key_mask, offset, q.shape[2], k.shape[2], q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 enable_gqa=grouped)
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def step(self, x: Tensor, cache: KVCache, position: Tensor | None) -> Tensor:
@@ -140,9 +152,10 @@ class Attention(nn.Module):
         the whole buffer; `cache.length` is left to the caller (an int that changed each step would
         be traced as a constant). Cross-attention (`position` None): the keys/values `forward`
         cached. Attention is written out (two small matmuls and a softmax) for the compiler to fuse:
-        at one query a fused kernel call costs more than its arithmetic.
+        at one query a fused kernel call costs more than its arithmetic. The query heads of a
+        key/value head are its rows: q is (B, kv_heads, heads // kv_heads, Dh).
         """
-        q = self._heads(self.to_q(x))  # (B, H, 1, Dh)
+        q = self.to_q(x)[:, 0].unflatten(-1, (self.kv_heads, -1, self.head_dim))  # (B, Hkv, G, Dh)
         if position is None:
             k, v, visible = cache.k, cache.v, cache.mask
         else:
@@ -152,16 +165,15 @@ class Attention(nn.Module):
             cache.v.index_copy_(2, slot, v_new.to(cache.v.dtype))
             k, v = cache.k, cache.v
             visible = torch.arange(k.shape[2], device=x.device) <= position  # (S,)
-        scores = (q @ k.transpose(-1, -2).to(q.dtype)) * q.shape[-1] ** -0.5  # (B, H, 1, S)
+        scores = (q @ k.transpose(-1, -2).to(q.dtype)) * q.shape[-1] ** -0.5  # (B, Hkv, G, S)
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
-        out = scores.softmax(-1) @ v.to(q.dtype)
-        return self.proj(out.transpose(1, 2).flatten(2))
+        out = scores.softmax(-1) @ v.to(q.dtype)  # (B, Hkv, G, Dh)
+        return self.proj(out.flatten(1)[:, None])
 
     def allocate_self_cache(self, batch: int, max_len: int, like: Tensor) -> KVCache:
         """An empty self-attention cache for `max_len` positions, dtype/device of `like`."""
-        head_dim = self.proj.in_features // self.heads
-        shape = (batch, self.heads, max_len, head_dim)
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
         buf = dict(dtype=like.dtype, device=like.device)
         return KVCache(torch.zeros(shape, **buf), torch.zeros(shape, **buf), 0)
 
@@ -180,7 +192,9 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: self-attention, optional cross-attention to a context, MLP; residual dropout."""
+    """Pre-norm block: self-attention, optional cross-attention to a context, MLP; residual dropout.
+
+    `kv_heads` (default `heads`) applies to both attentions (see `Attention`)."""
 
     def __init__(
         self,
@@ -190,13 +204,16 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         cross_attention: bool = False,
         causal: bool = False,
+        kv_heads: int | None = None,
     ):
         super().__init__()
         self.causal = causal
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, kv_heads=kv_heads)
         self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
-        self.cross_attn = Attention(dim, heads, dropout) if cross_attention else None
+        self.cross_attn = (
+            Attention(dim, heads, dropout, kv_heads=kv_heads) if cross_attention else None
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_dim, dropout)
         self.drop = nn.Dropout(dropout)

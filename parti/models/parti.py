@@ -37,6 +37,7 @@ class PartiConfig:
     enc_layers: int = 2  # text encoder blocks (Parti: 12 or 16)
     dec_layers: int = 2  # image decoder blocks (Parti: 12 to 64)
     heads: int = 4  # attention heads; must divide dim (Parti: head dim 64)
+    kv_heads: int | None = None  # key/value heads, dividing heads (None: heads; 1: multi-query)
     mlp_dim: int = 512  # MLP hidden width (Parti: 4 * dim)
     dropout: float = 0.1  # attention, residual, MLP and embedding dropout (Parti: 0.1)
     text_dropout: float = 0.1  # chance of training on the empty caption (classifier-free guidance)
@@ -67,6 +68,13 @@ def validate(cfg: PartiConfig) -> None:
         raise ValueError(f"model.vocab_size must be >= 2 (id 0 is padding), got {cfg.vocab_size}")
     if cfg.dim % cfg.heads:
         raise ValueError(f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})")
+    kv = cfg.kv_heads
+    if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1
+                           or cfg.heads % kv):
+        raise ValueError(
+            f"model.kv_heads must be null or an integer >= 1 dividing model.heads ({cfg.heads}), "
+            f"got {kv!r}"
+        )
     for key in ("dropout", "text_dropout"):
         value = getattr(cfg, key)
         if not 0.0 <= value < 1.0:
@@ -94,7 +102,8 @@ class Parti(nn.Module):
         self.text_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=0)
         self.text_pos = nn.Parameter(torch.empty(cfg.text_len, d))
         self.encoder = nn.ModuleList(
-            TransformerBlock(d, cfg.heads, cfg.mlp_dim, cfg.dropout) for _ in range(cfg.enc_layers)
+            TransformerBlock(d, cfg.heads, cfg.mlp_dim, cfg.dropout, kv_heads=cfg.kv_heads)
+            for _ in range(cfg.enc_layers)
         )
         self.encoder_norm = nn.LayerNorm(d)
 
@@ -103,7 +112,8 @@ class Parti(nn.Module):
         self.image_pos = Position2d(cfg.image_grid, cfg.image_grid, d, cfg.init_std)
         self.decoder = nn.ModuleList(
             TransformerBlock(
-                d, cfg.heads, cfg.mlp_dim, cfg.dropout, cross_attention=True, causal=True
+                d, cfg.heads, cfg.mlp_dim, cfg.dropout, cross_attention=True, causal=True,
+                kv_heads=cfg.kv_heads,
             )
             for _ in range(cfg.dec_layers)
         )
