@@ -110,8 +110,9 @@ def sample_tokens(
     """Image tokens (B, N) for the captions (B, L); `empty_*` (1, L) is the unconditional caption.
 
     Row b's randomness comes from seeds[b] alone. The loop runs in inference mode (no autograd
-    bookkeeping per token); the returned tokens are an ordinary tensor. With cfg.compile, steps
-    after the first run `Parti.decode_fixed` compiled once per batch size (see `_compiled_decoder`).
+    bookkeeping per token); the returned tokens are an ordinary tensor. With cfg.compile, each
+    step after the first (`_decode_and_draw`: decoder and draw) is one compiled call (see
+    `_compiled_step`).
     """
     batch, n = len(text_ids), model.num_image_tokens
     if len(seeds) != batch:
@@ -125,33 +126,51 @@ def sample_tokens(
         memory = model.encode_text(text_ids, text_mask)  # (B or 2B, L, D)
         cache = model.new_cache(len(text_ids), like=memory)
         out = torch.zeros(batch, n, dtype=torch.long, device=text_ids.device)
-        fed = None
-        compiled = _compiled_decoder(model, text_ids.device) if cfg.compile else None
-        positions = torch.arange(n, device=text_ids.device) if cfg.compile else None
-        for position in range(n):
-            if compiled is None or position == 0:
+        positions = torch.arange(n, device=text_ids.device)
+        logits = model.decode_step(None, memory, text_mask, cache, 0)[:, -1]
+        fed = _draw_next(logits, positions[0], uniforms, out, cfg)
+        compiled = _compiled_step(text_ids.device) if cfg.compile else None
+        for position in range(1, n):
+            if compiled is None:
                 logits = model.decode_step(fed, memory, text_mask, cache, position)[:, -1]
+                fed = _draw_next(logits, positions[position], uniforms, out, cfg)
             else:
-                logits = compiled(fed, positions[position], cache)
-            logits = logits.float()
-            if guided:
-                logits = guided_logits(*logits.chunk(2), cfg.guidance)
-            logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-            token = draw(logits, uniforms[:, position])  # (B,)
-            out[:, position] = token
-            fed = (torch.cat([token, token]) if guided else token)[:, None]
+                fed = compiled(model, fed, positions[position], cache, uniforms, out, cfg)
     return out.clone()
 
 
-def _compiled_decoder(model: Parti, device: torch.device) -> Callable[..., Tensor]:
-    """`model.decode_fixed` under torch.compile, with fixed shapes (one trace per batch size).
+def _draw_next(logits: Tensor, position: Tensor, uniforms: Tensor, out: Tensor,
+               cfg: SamplingConfig) -> Tensor:
+    """Draw image token `position` (a 0-d long tensor) of every row from the decoder's logits
+    (B, K; 2B when guided) into out (B, N) and return the next decoder input (B or 2B, 1)."""
+    logits = logits.float()
+    guided = cfg.guidance != 1.0
+    if guided:
+        logits = guided_logits(*logits.chunk(2), cfg.guidance)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    slot = position.view(1)
+    token = draw(logits, uniforms.index_select(1, slot)[:, 0])  # (B,)
+    out.index_copy_(1, slot, token[:, None])
+    return (torch.cat([token, token]) if guided else token)[:, None]
 
-    On the CPU the compiled step is called through a C++ wrapper: at batch 1 the Python launch
-    of its ~40 small kernels would otherwise cost about as much as the kernels themselves. Past
-    torch's recompile limit (8 batch sizes or models) a step runs eager, with torch's warning.
+
+def _decode_and_draw(model: Parti, fed: Tensor, position: Tensor, cache: list, uniforms: Tensor,
+                     out: Tensor, cfg: SamplingConfig) -> Tensor:
+    """One sampling step at a fixed shape: `Parti.decode_fixed`, then `_draw_next`."""
+    return _draw_next(model.decode_fixed(fed, position, cache), position, uniforms, out, cfg)
+
+
+def _compiled_step(device: torch.device) -> Callable[..., Tensor]:
+    """`_decode_and_draw` under torch.compile: one trace per batch size, model and sampling setting.
+
+    The draw is in the trace too: eager ops between compiled calls run slowly (the step's weights
+    have just streamed through the caches), ~0.15 ms a token at batch 1. On the CPU the step is
+    called through a C++ wrapper: at batch 1 the Python launch of its ~50 small kernels would
+    otherwise cost about as much as the kernels. Past torch's recompile limit (8 traces) a step
+    runs eager, with torch's warning.
     """
     options = {"cpp_wrapper": True} if device.type == "cpu" else {}
-    return torch.compile(model.decode_fixed, dynamic=False, options=options)
+    return torch.compile(_decode_and_draw, dynamic=False, options=options)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 
 from parti.sampling import (
     SamplingConfig,
+    _decode_and_draw,
     caption_scores,
     draw,
     filter_logits,
@@ -200,21 +201,23 @@ def test_batching_prompts_changes_no_image():
 @pytest.mark.slow
 def test_compiled_sampling_draws_the_eager_samples():
     """compile=True draws exactly the eager sampler's tokens (float32, CPU): guided for two batch
-    sizes in a row, unguided, multi-query, and past torch's recompile limit (the step then runs
-    eager). The step compiles as one graph."""
+    sizes in a row, unguided, with temperature and nucleus, multi-query, and past torch's
+    recompile limit (the step then runs eager). Decoder and draw compile as one graph."""
     model = tiny_model().eval()
     ids, mask, empty_ids, empty_mask = text()
 
-    def both(rows, guidance=3.0, model=model):
+    def both(rows, guidance=3.0, model=model, **settings):
         seeds = [row_seed(3, i) for i in range(rows)]
         args = (model, ids[:rows], mask[:rows], empty_ids, empty_mask, seeds)
-        eager, compiled = (SamplingConfig(guidance=guidance, top_k=8, compile=c)
+        settings = {"top_k": 8, **settings}
+        eager, compiled = (SamplingConfig(guidance=guidance, compile=c, **settings)
                            for c in (False, True))
         return sample_tokens(*args, compiled), sample_tokens(*args, eager)
 
     for rows in (4, 2):
         assert torch.equal(*both(rows))
     assert torch.equal(*both(2, guidance=1.0))
+    assert torch.equal(*both(2, top_k=0, top_p=0.8, temperature=0.7))
     assert torch.equal(*both(2, model=tiny_model(kv_heads=1).eval()))
     with torch._dynamo.config.patch(recompile_limit=1):
         assert torch.equal(*both(3))
@@ -222,8 +225,10 @@ def test_compiled_sampling_draws_the_eager_samples():
         memory = model.encode_text(ids, mask)
         cache = model.new_cache(4, like=memory)
         model.decode_step(None, memory, mask, cache, 0)
-        explained = torch._dynamo.explain(model.decode_fixed)(ids[:, :1] % 8, torch.tensor(1),
-                                                               cache)
+        out = torch.zeros(4, model.num_image_tokens, dtype=torch.long)
+        explained = torch._dynamo.explain(_decode_and_draw)(
+            model, ids[:, :1] % 8, torch.tensor(1), cache, torch.rand(4, out.shape[1]), out,
+            SamplingConfig(guidance=1.0, top_k=8, top_p=0.9))
     assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
