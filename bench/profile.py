@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("--who", choices=["ours", "compiled", "peer"], default="ours",
                         help="compiled: ours under torch.compile")
     parser.add_argument("--kv-heads", type=int, default=None,
-                        help="ours with this many key/value heads (default: one per query head)")
+                        help="ours with this many key/value heads (default: one per query head; "
+                             "the peer always has one)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--calls", type=int, default=1, help="calls profiled after the warm-up")
     args = parser.parse_args()

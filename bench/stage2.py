@@ -90,9 +90,9 @@ def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dic
     return {"ours": ours_step, "peer": peer_step, "flops_per_token": model.flops_per_token()}
 
 
-def samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
-    """Closures that each sample one batch of full images with guidance: ours, (compile) ours
-    with `compile=True` (the same computation as one fixed-shape step), and the peer's."""
+def our_samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+    """Closures that each sample one batch of full images with guidance: ours and (compile) ours
+    with `compile=True` (the same computation as one fixed-shape step)."""
     torch.manual_seed(0)
     model = ours(size, grid).eval()
     ids, mask = text(size, batch)
@@ -106,7 +106,12 @@ def samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
     fns = {"ours": sampler(cfg)}
     if compile:
         fns["compiled"] = sampler(replace(cfg, compile=True))
+    return fns
 
+
+def samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+    """`our_samplers` and the peer's: its own generate() on random text embeddings."""
+    fns = our_samplers(size, grid, batch, compile)
     other = theirs(size, grid).eval()
     peer.feed_text(other, torch.randn(batch, size.text_len, size.dim),
                    torch.ones(batch, size.text_len, dtype=torch.bool))

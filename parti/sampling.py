@@ -35,7 +35,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
     candidates: int = 1  # draw this many images per sample and keep the best-scoring one
-    compile: bool = False  # decode through torch.compile: faster steps, one compile a batch size
+    compile: bool = False  # torch.compile each step: faster; one compile a batch size and setting
 
 
 def validate_sampling(cfg: SamplingConfig, prefix: str = "") -> None:

@@ -300,6 +300,21 @@ def test_tie_embeddings_shares_the_weight():
     assert torch.equal(tied.head.weight, tied.image_emb.weight)
 
 
+def test_an_export_from_before_kv_heads_loads_as_multi_head(tmp_path):
+    from dataclasses import asdict
+
+    from parti.distributed.checkpoint import export_weights
+    from parti.models.loading import _load
+
+    model = tiny_model().eval()
+    older = {key: value for key, value in asdict(model.cfg).items() if key != "kv_heads"}
+    export_weights(tmp_path / "export", model.state_dict(), {"kind": "parti", "model": older})
+    loaded, _ = _load(tmp_path / "export", "parti", PartiConfig, Parti, "cpu", "")
+    assert loaded.cfg.kv_heads is None
+    ids, mask, tokens = make_batch([3, 8])
+    assert torch.equal(loaded(ids, mask, tokens), model(ids, mask, tokens))
+
+
 def test_tied_model_exports_loads_and_averages_once(tmp_path):
     from parti.distributed.checkpoint import export_weights, load_export
     from parti.training.ema import EMA
