@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 @dataclass
 class KVCache:
-    """Keys and values of one attention layer, (B, kv_heads, S, Dh) each; `length` are filled.
+    """Keys and values of one attention layer, (B, kv_heads, S, Dh) each; `length` slots filled.
 
     `mask` is the cross-attention key mask (B, 1, 1, S) built on the first call and reused by the
     decoding steps after it (None: every key is attended).
