@@ -102,9 +102,9 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
         steps = stage2.train_steps(plan.s2, grid, batch)
         fns = {"ours": steps["ours"], "peer": steps["peer"]}
         if plan.compile:
-            fns["compiled"] = stage2.train_steps(plan.s2, grid, batch, compile=True)["ours"]
+            fns["compiled"] = stage2.our_train_step(plan.s2, grid, batch, compile=True)["ours"]
         if plan.matched_kv:
-            fns["matched"] = stage2.train_steps(one_kv_head(plan.s2), grid, batch)["ours"]
+            fns["matched"] = stage2.our_train_step(one_kv_head(plan.s2), grid, batch)["ours"]
         t = interleaved(as_shipped(fns, ours_flush=True), plan.seconds)
         tokens = grid * grid * batch
         work = f"train {grid}x{grid} grid, batch {batch}"

@@ -60,8 +60,9 @@ def text(size: Size, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.ones_like(ids, dtype=torch.bool)
 
 
-def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
-    """Closures of one training step each: ours (optionally compiled) and the peer's."""
+def our_train_step(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+    """Our training step (optionally compiled) as a closure, its FLOPs per image token and the
+    image tokens it trains on."""
     torch.manual_seed(0)
     n = grid * grid
     model = ours(size, grid)
@@ -76,6 +77,13 @@ def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return {"ours": ours_step, "flops_per_token": model.flops_per_token(), "tokens": tokens}
+
+
+def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+    """`our_train_step` and the peer's step on the same image tokens (random text embeddings)."""
+    steps = our_train_step(size, grid, batch, compile)
+    tokens = steps.pop("tokens")
     other = theirs(size, grid)
     other_opt = peer.optimizer(other)
     embeds = torch.randn(batch, size.text_len, size.dim)
@@ -87,7 +95,7 @@ def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dic
         other_opt.step()
         other_opt.zero_grad(set_to_none=True)
 
-    return {"ours": ours_step, "peer": peer_step, "flops_per_token": model.flops_per_token()}
+    return {**steps, "peer": peer_step}
 
 
 def our_samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
