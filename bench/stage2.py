@@ -16,6 +16,7 @@ from parti.training.optim import build_optimizer
 
 GUIDANCE = 3.0  # the peer's generate() always guides at 3 (its cond_scale is not passed on)
 PEER_TOP_FRACTION = 0.1  # the peer's filter_thres=0.9 keeps the top 10% of the logits
+COMPILE_MODE = "default"  # of our compiled samplers: the fastest steps (it compiles in warm-up)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,10 @@ def train_steps(size: Size, grid: int, batch: int, compile: bool = False) -> dic
     return {**steps, "peer": peer_step}
 
 
-def our_samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
-    """Closures that each sample one batch of full images with guidance: ours and (compile) ours
-    with `compile=True` (the same computation as one fixed-shape step)."""
+def our_samplers(size: Size, grid: int, batch: int, compile_mode: str | None = None) -> dict:
+    """Closures that each sample one batch of full images with guidance: ours and (given a
+    `compile_mode`) ours with `compile=True` in that mode (the same computation as fixed-shape
+    steps)."""
     torch.manual_seed(0)
     model = ours(size, grid).eval()
     ids, mask = text(size, batch)
@@ -112,14 +114,14 @@ def our_samplers(size: Size, grid: int, batch: int, compile: bool = False) -> di
         return lambda: sample_tokens(model, ids, mask, empty_ids, empty_mask, seeds, cfg)
 
     fns = {"ours": sampler(cfg)}
-    if compile:
-        fns["compiled"] = sampler(replace(cfg, compile=True))
+    if compile_mode is not None:
+        fns["compiled"] = sampler(replace(cfg, compile=True, compile_mode=compile_mode))
     return fns
 
 
-def samplers(size: Size, grid: int, batch: int, compile: bool = False) -> dict:
+def samplers(size: Size, grid: int, batch: int, compile_mode: str | None = None) -> dict:
     """`our_samplers` and the peer's: its own generate() on random text embeddings."""
-    fns = our_samplers(size, grid, batch, compile)
+    fns = our_samplers(size, grid, batch, compile_mode)
     other = theirs(size, grid).eval()
     peer.feed_text(other, torch.randn(batch, size.text_len, size.dim),
                    torch.ones(batch, size.text_len, dtype=torch.bool))

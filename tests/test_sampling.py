@@ -201,17 +201,19 @@ def test_batching_prompts_changes_no_image():
 @pytest.mark.slow
 def test_compiled_sampling_draws_the_eager_samples():
     """compile=True draws exactly the eager sampler's tokens (float32, CPU): guided for two batch
-    sizes in a row, unguided, with temperature and nucleus, multi-query, and past torch's
-    recompile limit (the step then runs eager). Decoder and draw compile as one graph."""
+    sizes in a row, unguided, with temperature and nucleus, multi-query, in max-autotune mode
+    (weights frozen into the trace, 3 steps a call) also after the weights change in place, at a
+    grid of 9 tokens (8 after the first: one step a call), and past torch's recompile limit (the
+    step then runs eager). Decoder and draw compile as one graph."""
     model = tiny_model().eval()
     ids, mask, empty_ids, empty_mask = text()
 
-    def both(rows, guidance=3.0, model=model, **settings):
+    def both(rows, guidance=3.0, model=model, mode="default", **settings):
         seeds = [row_seed(3, i) for i in range(rows)]
         args = (model, ids[:rows], mask[:rows], empty_ids, empty_mask, seeds)
         settings = {"top_k": 8, **settings}
-        eager, compiled = (SamplingConfig(guidance=guidance, compile=c, **settings)
-                           for c in (False, True))
+        eager, compiled = (SamplingConfig(guidance=guidance, compile=c, compile_mode=mode,
+                                          **settings) for c in (False, True))
         return sample_tokens(*args, compiled), sample_tokens(*args, eager)
 
     for rows in (4, 2):
@@ -219,6 +221,11 @@ def test_compiled_sampling_draws_the_eager_samples():
     assert torch.equal(*both(2, guidance=1.0))
     assert torch.equal(*both(2, top_k=0, top_p=0.8, temperature=0.7))
     assert torch.equal(*both(2, model=tiny_model(kv_heads=1).eval()))
+    assert torch.equal(*both(2, mode="max-autotune"))
+    with torch.no_grad():  # as a training step would: the frozen trace must not be reused
+        model.head.weight.mul_(-1.0)
+    assert torch.equal(*both(2, mode="max-autotune"))
+    assert torch.equal(*both(2, model=tiny_model(image_grid=3).eval(), mode="max-autotune"))
     with torch._dynamo.config.patch(recompile_limit=1):
         assert torch.equal(*both(3))
     with torch.inference_mode():
@@ -240,6 +247,7 @@ def test_compiled_sampling_draws_the_eager_samples():
     ("top_p", 1.5, r"top_p: 1.5 must be in \(0, 1\]"),
     ("candidates", 0, "candidates: 0 must be >= 1"),
     ("compile", "yes", "compile: 'yes' must be true or false"),
+    ("compile_mode", "fast", "compile_mode: 'fast' must be one of default, max-autotune"),
 ])
 def test_bad_sampling_values_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=f"config error: {message}"):

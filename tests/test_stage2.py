@@ -154,6 +154,8 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
     (["top_k=-2"], "config error: top_k: -2 must be >= 0"),
     (["top_p=1.5"], "config error: top_p: 1.5 must be in"),
     (["compile=maybe"], "config error: compile: 'maybe' must be true or false"),
+    (["compile_mode=reduce-overhead"],
+     "config error: compile_mode: 'reduce-overhead' must be one of default, max-autotune"),
     (["ckpt=/nowhere"], "/nowhere does not exist"),
 ])
 def test_sample_py_names_each_bad_input(args, message, tmp_path):
