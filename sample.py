@@ -23,9 +23,10 @@ from parti.sampling import SamplingConfig, generate, read_prompts, validate_samp
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
-    sampling = SamplingConfig(float(cfg.guidance), float(cfg.temperature), int(cfg.top_k),
-                              float(cfg.top_p), int(cfg.candidates), cfg.compile,
-                              cfg.compile_mode)
+    sampling = SamplingConfig(guidance=float(cfg.guidance), temperature=float(cfg.temperature),
+                              top_k=int(cfg.top_k), top_p=float(cfg.top_p),
+                              candidates=int(cfg.candidates), compile=cfg.compile,
+                              compile_mode=cfg.compile_mode)
     validate_sampling(sampling)
     if cfg.samples_per_prompt < 1 or cfg.batch_size < 1:
         raise ValueError("config error: samples_per_prompt and batch_size must be >= 1, got "

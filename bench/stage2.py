@@ -16,7 +16,6 @@ from parti.training.optim import build_optimizer
 
 GUIDANCE = 3.0  # the peer's generate() always guides at 3 (its cond_scale is not passed on)
 PEER_TOP_FRACTION = 0.1  # the peer's filter_thres=0.9 keeps the top 10% of the logits
-COMPILE_MODE = "default"  # of our compiled samplers: the fastest steps (it compiles in warm-up)
 
 
 @dataclass(frozen=True)

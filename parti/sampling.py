@@ -9,6 +9,7 @@ Reranking draws several candidates per prompt and keeps the one a `Scorer` likes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import warnings
@@ -162,8 +163,14 @@ def _draw_next(logits: Tensor, position: Tensor, uniforms: Tensor, out: Tensor,
 
 def _weights_version(model: torch.nn.Module) -> int:
     """The sum of the version counters of the model's parameters and buffers: it grows with every
-    in-place change of a weight (an optimizer step, an EMA update, load_state_dict)."""
-    return sum(t._version for t in itertools.chain(model.parameters(), model.buffers()))
+    in-place change of a weight (an optimizer step, an EMA update, load_state_dict), though not
+    with writes through `.data`, which torch does not count."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(t.is_inference() for t in tensors):
+        raise ValueError("compile_mode=max-autotune freezes the weights and tracks their version "
+                         "counters, which weights made under torch.inference_mode() lack: build "
+                         "or load the model outside inference mode")
+    return sum(t._version for t in tensors)
 
 
 def _decode_and_draw(model: Parti, fed: Tensor, position: Tensor, cache: list, uniforms: Tensor,
@@ -183,34 +190,36 @@ def _decode_and_draw(model: Parti, fed: Tensor, position: Tensor, cache: list, u
 def _compiled_steps(model: Parti, fed: Tensor, positions: Tensor, cache: list, uniforms: Tensor,
                     out: Tensor, cfg: SamplingConfig) -> None:
     """Image tokens 1.. into `out` by calls of `_decode_and_draw` under torch.compile: one trace
-    per batch size, model, sampling setting and weights version.
+    per batch size, model and sampling setting (and, frozen, weights version).
 
     The draw is in the trace too: eager ops between compiled calls run slowly (the step's weights
     have just streamed through the caches), ~0.15 ms a token at batch 1. On the CPU the step is
     called through a C++ wrapper: at batch 1 the Python launch of its ~50 small kernels would
     otherwise cost about as much as the kernels.
 
-    `compile_mode="max-autotune"` trades compile time for step time three ways:
-    - the matmuls are autotuned, on the CPU against C++ GEMM templates that fuse the layer norms,
-      biases and GELU around them;
+    `compile_mode="max-autotune"` trades compile time for step time:
+    - the matmuls are autotuned (on the CPU against C++ GEMM templates that fuse the layer norms,
+      biases and GELU around them);
     - on the CPU the weights are frozen into the trace, prepacked (torch reads `freezing` when it
       traces, hence the setting around the loop); the weights version passed to
       `_decode_and_draw` retraces after an in-place weight change;
-    - each call runs STEPS_PER_CALL steps (one where they do not divide the tokens after the
-      first; a power-of-2 grid always has a multiple of 3): a call costs ~0.12 ms besides its
-      kernels (torch's guard checks ~70 us, its wrappers), over 10% of a batch-1 step.
-    Past torch's recompile limit (8 traces) a step runs eager, with torch's warning.
+    - each call runs STEPS_PER_CALL steps where they divide the tokens after the first (a grid
+      that is not a multiple of 3 always has such a count; else one step a call): a call costs
+      ~0.12 ms besides its kernels (torch's guard checks ~70 us, its wrappers), over 10% of a
+      batch-1 step. Not in default mode: it triples the graph, and its compile time with it.
+    Past torch's recompile limit (8 traces) a call runs eager, with torch's warning.
     """
     cpu = out.device.type == "cpu"
     autotune = cfg.compile_mode == "max-autotune"
-    options = {"cpp_wrapper": cpu, "max_autotune": autotune}
-    if autotune:  # torch otherwise prints every matmul's timing table
-        options.update(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+    options = {"cpp_wrapper": True} if cpu else {}
+    if autotune:  # quiet: torch otherwise prints every matmul's timing table
+        options.update(max_autotune=True, autotune_num_choices_displayed=0,
+                       max_autotune_report_choices_stats=False)
     step = torch.compile(_decode_and_draw, dynamic=False, options=options)
     frozen = cpu and autotune
     version = _weights_version(model) if frozen else 0
     per_call = STEPS_PER_CALL if autotune and (len(positions) - 1) % STEPS_PER_CALL == 0 else 1
-    with torch._inductor.config.patch(freezing=frozen):
+    with torch._inductor.config.patch(freezing=True) if frozen else contextlib.nullcontext():
         for position in positions[1::per_call]:
             fed = step(model, fed, position, cache, uniforms, out, cfg, version, per_call)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from parti import sampling
 from parti.sampling import (
     SamplingConfig,
     _decode_and_draw,
@@ -199,14 +200,18 @@ def test_batching_prompts_changes_no_image():
 
 
 @pytest.mark.slow
-def test_compiled_sampling_draws_the_eager_samples():
-    """compile=True draws exactly the eager sampler's tokens (float32, CPU): guided for two batch
-    sizes in a row, unguided, with temperature and nucleus, multi-query, in max-autotune mode
-    (weights frozen into the trace, 3 steps a call) also after the weights change in place, at a
-    grid of 9 tokens (8 after the first: one step a call), and past torch's recompile limit (the
-    step then runs eager). Decoder and draw compile as one graph."""
+def test_compiled_sampling_draws_the_eager_samples(monkeypatch):
+    """compile=True draws exactly the eager sampler's tokens (float32, CPU), each case a trace of
+    its own: guided for two batch sizes in a row, unguided, with temperature and nucleus,
+    multi-query, in max-autotune mode (weights frozen into the trace, 3 steps a call) also after
+    the weights change in place (retraced; with the version check disabled the frozen trace is
+    reused and the samples go stale), at a grid of 9 tokens (8 after the first: one step a
+    call), and past torch's recompile limit (the call then runs eager). Decoder and draw, 3 steps
+    of them, compile as one graph."""
     model = tiny_model().eval()
     ids, mask, empty_ids, empty_mask = text()
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
 
     def both(rows, guidance=3.0, model=model, mode="default", **settings):
         seeds = [row_seed(3, i) for i in range(rows)]
@@ -214,20 +219,42 @@ def test_compiled_sampling_draws_the_eager_samples():
         settings = {"top_k": 8, **settings}
         eager, compiled = (SamplingConfig(guidance=guidance, compile=c, compile_mode=mode,
                                           **settings) for c in (False, True))
-        return sample_tokens(*args, compiled), sample_tokens(*args, eager)
+        before = graphs["unique_graphs"]
+        tokens = sample_tokens(*args, compiled), sample_tokens(*args, eager)
+        assert graphs["unique_graphs"] == before + 1  # compiled (not an eager fallback)
+        return tokens
 
-    for rows in (4, 2):
-        assert torch.equal(*both(rows))
-    assert torch.equal(*both(2, guidance=1.0))
-    assert torch.equal(*both(2, top_k=0, top_p=0.8, temperature=0.7))
-    assert torch.equal(*both(2, model=tiny_model(kv_heads=1).eval()))
-    assert torch.equal(*both(2, mode="max-autotune"))
-    with torch.no_grad():  # as a training step would: the frozen trace must not be reused
-        model.head.weight.mul_(-1.0)
-    assert torch.equal(*both(2, mode="max-autotune"))
-    assert torch.equal(*both(2, model=tiny_model(image_grid=3).eval(), mode="max-autotune"))
+    def flip_head():  # in place, as a training step would
+        with torch.no_grad():
+            model.head.weight.mul_(-1.0)
+
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for rows in (4, 2):
+            assert torch.equal(*both(rows))
+        assert torch.equal(*both(2, guidance=1.0))
+        assert torch.equal(*both(2, top_k=0, top_p=0.8, temperature=0.7))
+        assert torch.equal(*both(2, model=tiny_model(kv_heads=1).eval()))
+        assert torch.equal(*both(2, mode="max-autotune"))
+        flip_head()
+        assert torch.equal(*both(2, mode="max-autotune"))
+        assert torch.equal(*both(2, model=tiny_model(image_grid=3).eval(), mode="max-autotune"))
+        monkeypatch.setattr(sampling, "_weights_version", lambda model: 0)
+        assert torch.equal(*both(1, mode="max-autotune"))
+        flip_head()
+        seeds = [row_seed(3, 0)]
+        stale = sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, seeds,
+                              SamplingConfig(guidance=3.0, top_k=8, compile=True,
+                                             compile_mode="max-autotune"))
+        fresh = sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, seeds,
+                              SamplingConfig(guidance=3.0, top_k=8))
+        assert not torch.equal(stale, fresh)
     with torch._dynamo.config.patch(recompile_limit=1):
-        assert torch.equal(*both(3))
+        before = graphs["unique_graphs"]
+        assert torch.equal(*(sample_tokens(model, ids[:3], mask[:3], empty_ids, empty_mask,
+                                           [row_seed(3, i) for i in range(3)],
+                                           SamplingConfig(guidance=3.0, compile=c))
+                             for c in (True, False)))
+        assert graphs["unique_graphs"] == before
     with torch.inference_mode():
         memory = model.encode_text(ids, mask)
         cache = model.new_cache(4, like=memory)
@@ -235,8 +262,17 @@ def test_compiled_sampling_draws_the_eager_samples():
         out = torch.zeros(4, model.num_image_tokens, dtype=torch.long)
         explained = torch._dynamo.explain(_decode_and_draw)(
             model, ids[:, :1] % 8, torch.tensor(1), cache, torch.rand(4, out.shape[1]), out,
-            SamplingConfig(guidance=1.0, top_k=8, top_p=0.9))
+            SamplingConfig(guidance=1.0, top_k=8, top_p=0.9), 5, 3)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_max_autotune_needs_weights_with_version_counters():
+    with torch.inference_mode():
+        model = tiny_model().eval()
+    ids, mask, empty_ids, empty_mask = text()
+    cfg = SamplingConfig(compile=True, compile_mode="max-autotune")
+    with pytest.raises(ValueError, match=r"weights made under torch.inference_mode\(\) lack"):
+        sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, [0], cfg)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
