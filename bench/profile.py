@@ -1,19 +1,77 @@
-"""Where the time of one benchmark row goes: torch.profiler's top operators for ours or the peer.
+"""Where the time of one benchmark row goes: torch.profiler's top operators for ours or the peer,
+or (--by-kind) its time split into matmuls, attention, optimizer and the rest.
 
     python -m bench.profile sample --grid 16 --batch 16          # ours, one guided sampling run
     python -m bench.profile train --grid 8 --batch 16 --who peer # the peer's training step
     python -m bench.profile sample --grid 16 --batch 1 --who compiled  # ours, compile=True
     python -m bench.profile sample --grid 16 --batch 1 --who compiled --compile-mode max-autotune
     python -m bench.profile train --grid 8 --batch 16 --kv-heads 1     # ours, multi-query
+    python -m bench.profile train --grid 8 --batch 16 --by-kind --calls 5  # the step's floor
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import stage2
+from parti.training.perf import measured_matmul_flops
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+ATTENTION = ("flash_attention", "efficient_attention")  # fused attention kernels, forward + backward
+OPTIMIZER = ("Optimizer.step#", "Optimizer.zero_grad#")  # whole optimizer calls, their ops included
+
+
+def by_kind(fn: Callable[[], object], calls: int, matmul_rate: float) -> dict[str, float]:
+    """Per call of `fn`: its unprofiled time (median), the self time of matmul kernels with their
+    FLOPs, of fused attention kernels, and of the optimizer's calls (all their ops: the peer's
+    AdamW is a loop of small ones), in seconds; `floor` is what the matmuls would take at
+    `matmul_rate` plus attention and optimizer: a bound no removal of the other work can beat."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(calls):
+            fn()
+    kinds = {"matmul": 0.0, "matmul_flops": 0.0, "attention": 0.0, "optimizer": 0.0}
+    for event in prof.key_averages():
+        if event.key in MATMULS:
+            kinds["matmul"] += event.self_cpu_time_total
+            kinds["matmul_flops"] += event.flops
+        elif any(name in event.key for name in ATTENTION):
+            kinds["attention"] += event.self_cpu_time_total
+        elif event.key.startswith(OPTIMIZER):
+            kinds["optimizer"] += event.cpu_time_total
+    per_call = {k: v / calls / (1 if k == "matmul_flops" else 1e6) for k, v in kinds.items()}
+    step = statistics.median(times)
+    per_call["step"] = step
+    per_call["rest"] = step - per_call["matmul"] - per_call["attention"] - per_call["optimizer"]
+    per_call["floor"] = (per_call["matmul_flops"] / matmul_rate + per_call["attention"]
+                         + per_call["optimizer"])
+    return per_call
+
+
+def kind_table(kinds: dict[str, float], matmul_rate: float) -> str:
+    """`by_kind`'s numbers as lines of text."""
+    ms = {k: 1e3 * v for k, v in kinds.items() if k != "matmul_flops"}
+    rate = kinds["matmul_flops"] / kinds["matmul"] if kinds["matmul"] else 0.0
+    return "\n".join([
+        f"step       {ms['step']:8.1f} ms (unprofiled median)",
+        f"matmuls    {ms['matmul']:8.1f} ms  {kinds['matmul_flops'] / 1e9:.2f} GFLOP at "
+        f"{rate / 1e9:.0f} GFLOP/s = {rate / matmul_rate:.0%} of the machine's "
+        f"{matmul_rate / 1e9:.0f}",
+        f"attention  {ms['attention']:8.1f} ms (fused kernels, forward + backward)",
+        f"optimizer  {ms['optimizer']:8.1f} ms (step + zero_grad)",
+        f"the rest   {ms['rest']:8.1f} ms (norms, activations, loss, copies, autograd, Python)",
+        f"floor      {ms['floor']:8.1f} ms (matmuls at the machine's rate + attention + optimizer)",
+    ])
 
 
 def main() -> None:
@@ -30,6 +88,9 @@ def main() -> None:
                              "the peer always has one)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--calls", type=int, default=1, help="calls profiled after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="calls before any timing")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="time by kind (matmul, attention, optimizer, rest) and the floor")
     args = parser.parse_args()
     size, compiled = stage2.Size(kv_heads=args.kv_heads), args.who == "compiled"
     if args.work == "train":
@@ -37,8 +98,12 @@ def main() -> None:
     else:
         fns = stage2.samplers(size, args.grid, args.batch, args.compile_mode if compiled else None)
     fn = fns.get(args.who, fns["ours"])  # a compiled training step is the "ours" of train_steps
-    for _ in range(2):  # warm-up
+    for _ in range(args.warmup):
         fn()
+    if args.by_kind:
+        rate = measured_matmul_flops(torch.device("cpu"), seconds=1.0)
+        print(kind_table(by_kind(fn, args.calls, rate), rate))
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.calls):
             fn()

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import throughput  # noqa: E402
+from bench import stage2, throughput  # noqa: E402
 from bench.compare import Plan, notes_of, report, run  # noqa: E402
+from bench.profile import by_kind, kind_table  # noqa: E402
 
 COMMON = ["data.num_workers=0", "data.shuffle_buffer=32", "trainer.micro_batch=4",
           "trainer.global_batch=4"]
@@ -63,3 +65,24 @@ def test_trainer_step_throughput_plain_and_fsdp(tmp_path):
             or line.startswith("| fsdp")]
     assert [r[0].strip() for r in rows] == ["ddp", "fsdp"]
     assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # image tokens/s
+
+
+def test_step_time_by_kind_counts_the_matmul_flops_and_bounds_the_step():
+    size = stage2.Size(dim=32, dec_layers=1, heads=2, codebook_size=64, text_len=8, vocab_size=64)
+    step = stage2.our_train_step(size, grid=2, batch=2)["ours"]
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    counts = counter.get_flop_counts()["Global"]
+    matmul_flops = sum(n for op, n in counts.items() if op.__name__.startswith(("mm", "addmm")))
+    assert matmul_flops > 0
+    rate = 1e11
+    kinds = by_kind(step, calls=2, matmul_rate=rate)
+    assert kinds["matmul_flops"] == pytest.approx(matmul_flops)
+    assert kinds["matmul"] > 0 and kinds["attention"] > 0 and kinds["optimizer"] > 0
+    spent = kinds["matmul"] + kinds["attention"] + kinds["optimizer"] + kinds["rest"]
+    assert spent == pytest.approx(kinds["step"])
+    assert kinds["floor"] == pytest.approx(matmul_flops / rate + kinds["attention"]
+                                           + kinds["optimizer"])
+    table = kind_table(kinds, rate)
+    assert f"{matmul_flops / 1e9:.2f} GFLOP" in table and "floor" in table
