@@ -1,5 +1,6 @@
 """Shard pipeline: skipping and counting bad input, splitting, determinism, exact resume, eval."""
 
+import copy
 import io
 import itertools
 import json
@@ -13,8 +14,8 @@ from PIL import Image
 
 from parti.data.eval_loader import build_eval_loader
 from parti.data.pipeline import build_train_loader
-from parti.data.shards import SkipSample, expand_urls
-from parti.data.transforms import ImageDecoder, to_tensor, to_uint8
+from parti.data.shards import SampleRng, SkipSample, expand_urls
+from parti.data.transforms import ImageDecoder, TokenDecoder, to_tensor, to_uint8
 
 DECODE = ImageDecoder(8, train=True)
 
@@ -374,3 +375,41 @@ def test_image_decoder_applies_exif_rotation_and_palette_transparency():
         warnings.simplefilter("error")
         image = to_uint8(ImageDecoder(6, train=False)(raw, np.random.default_rng(0))["image"])
     assert image[0, 0].tolist() == [255, 0, 0]
+
+
+def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def test_token_decoder_reads_what_np_load_reads_and_skips_the_rest():
+    decode = TokenDecoder()
+    arrays = [np.arange(256, dtype=np.int16), np.arange(12, dtype=np.int32).reshape(3, 4),
+              np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),
+              np.arange(6, dtype=np.uint8), np.arange(4, dtype=">i4"), np.zeros(0, np.int16)]
+    for array in arrays:
+        data = npy_bytes(array)
+        raw = {"__key__": "k", "tokens.npy": data, "txt": b" a caption "}
+        sample = decode(raw, SampleRng([0]))
+        expected = np.load(io.BytesIO(data)).astype(np.int64).reshape(-1)
+        assert sample["tokens"].tolist() == expected.tolist(), array
+        assert sample["tokens"].dtype == torch.int64 and sample["caption"] == "a caption"
+    good = npy_bytes(np.arange(64, dtype=np.int16))
+    bad = {"truncated data": good[:-2], "truncated header": good[:40], "not npy": b"tokens" * 20,
+           "floats": npy_bytes(np.ones(4)), "objects": npy_bytes(np.array([{}]), allow_pickle=True),
+           "empty": b""}
+    for what, data in bad.items():
+        with pytest.raises(SkipSample) as skipped:
+            decode({"__key__": "k", "tokens.npy": data, "txt": b"c"}, SampleRng([0]))
+        assert skipped.value.reason == "corrupt_tokens", what
+    with pytest.raises(SkipSample, match="missing_tokens"):
+        decode({"__key__": "k", "txt": b"c"}, SampleRng([0]))
+
+
+def test_sample_rng_draws_as_its_seed_and_only_when_used():
+    lazy, eager = SampleRng([3, 0, 1, 7]), np.random.default_rng([3, 0, 1, 7])
+    assert lazy._rng is None  # a decoder that draws nothing never pays for seeding
+    assert lazy.integers(100, size=5).tolist() == eager.integers(100, size=5).tolist()
+    assert lazy.random() == eager.random()  # one generator, made once, continues its stream
+    assert copy.deepcopy(SampleRng([1])).integers(10**9) == np.random.default_rng([1]).integers(10**9)

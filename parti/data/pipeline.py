@@ -35,6 +35,7 @@ from parti.data.shards import (
     BadShard,
     Collate,
     Decode,
+    SampleRng,
     SkipCounter,
     check_shards_exist,
     check_split,
@@ -160,7 +161,7 @@ class _TrainStream(IterableDataset):
             for item in stream:
                 rng = None
                 if not isinstance(item, BadShard):  # offsets number the raw samples only
-                    rng = np.random.default_rng([*ids, block, offset])
+                    rng = SampleRng([*ids, block, offset])
                     offset += 1
                 sample = decode_or_skip(item, self.decode, rng, skips)
                 if sample is None:

@@ -6,7 +6,9 @@ images are float tensors (3, H, W) in [-1, 1].
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import warnings
 from typing import Any
 
@@ -104,6 +106,37 @@ class ImageDecoder:
         return image.crop((left, top, left + self.size, top + self.size))
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_spec(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of an .npy header; cached, since every array of a token shard
+    repeats one header and numpy parses it with `literal_eval` (~20 us, most of a sample's load)."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """The array of a version 1 or 2 .npy file, without pickled objects (np.load(...,
+    allow_pickle=False) at ~2 instead of ~30 us a sample); ValueError on bytes that are not one."""
+    if not data.startswith(NPY_MAGIC) or len(data) < 10 or data[6] not in (1, 2):
+        raise ValueError("not a version 1 or 2 .npy file")
+    width = 2 if data[6] == 1 else 4
+    offset = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    shape, fortran, dtype = _npy_spec(data[:offset])
+    if dtype.hasobject:
+        raise ValueError(".npy file holds Python objects")
+    count = math.prod(shape)
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f".npy data truncated: {len(data) - offset} bytes for {shape} {dtype}")
+    array = np.frombuffer(data, dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
 class TokenDecoder:
     """Decode a token-shard sample: `tokens.npy` (integer array, flattened) + caption."""
 
@@ -112,8 +145,8 @@ class TokenDecoder:
             raise SkipSample("missing_tokens")
         caption = _caption(raw)
         try:
-            tokens = np.load(io.BytesIO(raw["tokens.npy"]), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exn:
+            tokens = load_npy(raw["tokens.npy"])
+        except ValueError as exn:
             raise SkipSample("corrupt_tokens") from exn
         if not np.issubdtype(tokens.dtype, np.integer):
             raise SkipSample("corrupt_tokens")
