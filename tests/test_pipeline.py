@@ -398,7 +398,7 @@ def test_token_decoder_reads_what_np_load_reads_and_skips_the_rest():
     good = npy_bytes(np.arange(64, dtype=np.int16))
     bad = {"truncated data": good[:-2], "truncated header": good[:40], "not npy": b"tokens" * 20,
            "floats": npy_bytes(np.ones(4)), "objects": npy_bytes(np.array([{}]), allow_pickle=True),
-           "empty": b""}
+           "empty": b"", "negative shape": good.replace(b"(64,)", b"(-4,)")}
     for what, data in bad.items():
         with pytest.raises(SkipSample) as skipped:
             decode({"__key__": "k", "tokens.npy": data, "txt": b"c"}, SampleRng([0]))

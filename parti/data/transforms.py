@@ -130,6 +130,8 @@ def load_npy(data: bytes) -> np.ndarray:
     shape, fortran, dtype = _npy_spec(data[:offset])
     if dtype.hasobject:
         raise ValueError(".npy file holds Python objects")
+    if any(n < 0 for n in shape):
+        raise ValueError(f".npy header has a negative shape {shape}")
     count = math.prod(shape)
     if len(data) - offset < count * dtype.itemsize:
         raise ValueError(f".npy data truncated: {len(data) - offset} bytes for {shape} {dtype}")
