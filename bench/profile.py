@@ -1,12 +1,12 @@
 """Where the time of one benchmark row goes: torch.profiler's top operators for ours or the peer,
-or (--by-kind) its time split into matmuls, attention, optimizer and the rest.
+or (--by-kind, training only) the step's time split into matmuls, attention, optimizer and the rest.
 
     python -m bench.profile sample --grid 16 --batch 16          # ours, one guided sampling run
     python -m bench.profile train --grid 8 --batch 16 --who peer # the peer's training step
     python -m bench.profile sample --grid 16 --batch 1 --who compiled  # ours, compile=True
     python -m bench.profile sample --grid 16 --batch 1 --who compiled --compile-mode max-autotune
     python -m bench.profile train --grid 8 --batch 16 --kv-heads 1     # ours, multi-query
-    python -m bench.profile train --grid 8 --batch 16 --by-kind --calls 5  # the step's floor
+    python -m bench.profile train --grid 8 --batch 16 --by-kind --warmup 15 --calls 8  # the floor
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,15 +24,45 @@ from bench import stage2
 from parti.training.perf import measured_matmul_flops
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-ATTENTION = ("flash_attention", "efficient_attention")  # fused attention kernels, forward + backward
-OPTIMIZER = ("Optimizer.step#", "Optimizer.zero_grad#")  # whole optimizer calls, their ops included
+ATTENTION = ("flash_attention", "efficient_attention")  # fused kernels, forward and backward
+OPTIMIZER = ("Optimizer.step#", "Optimizer.zero_grad#")  # whole optimizer calls, ops included
+
+
+def _in_optimizer(event: Any) -> bool:
+    """Whether a profiler event runs inside an optimizer call."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(OPTIMIZER):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def split_by_kind(events: Iterable[Any], calls: int) -> dict[str, float]:
+    """Seconds per call from profiler events (torch's FunctionEvent: name, cpu_parent, self and
+    total time in us, flops): matmul kernels with their FLOPs and fused attention kernels by self
+    time; optimizer calls by their whole time (the peer's AdamW is a loop of small ops), each
+    counted once: what runs inside an optimizer call is the optimizer's."""
+    seconds = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0}
+    flops = 0
+    for event in events:
+        if _in_optimizer(event):
+            continue
+        if event.name.startswith(OPTIMIZER):
+            seconds["optimizer"] += event.cpu_time_total / 1e6
+        elif event.name in MATMULS:
+            seconds["matmul"] += event.self_cpu_time_total / 1e6
+            flops += event.flops
+        elif any(name in event.name for name in ATTENTION):
+            seconds["attention"] += event.self_cpu_time_total / 1e6
+    return {**{k: v / calls for k, v in seconds.items()}, "matmul_flops": flops / calls}
 
 
 def by_kind(fn: Callable[[], object], calls: int, matmul_rate: float) -> dict[str, float]:
-    """Per call of `fn`: its unprofiled time (median), the self time of matmul kernels with their
-    FLOPs, of fused attention kernels, and of the optimizer's calls (all their ops: the peer's
-    AdamW is a loop of small ones), in seconds; `floor` is what the matmuls would take at
-    `matmul_rate` plus attention and optimizer: a bound no removal of the other work can beat."""
+    """`split_by_kind` of `calls` profiled calls of `fn`, with `step`, its unprofiled median time;
+    `rest`, the step less the three kinds (what the profiler adds to them, mostly to the small
+    ops, makes it a slight underestimate); and `floor`, the matmuls at `matmul_rate` plus attention
+    and optimizer as measured: the step if every other op were free."""
     times = []
     for _ in range(calls):
         start = time.perf_counter()
@@ -40,22 +71,11 @@ def by_kind(fn: Callable[[], object], calls: int, matmul_rate: float) -> dict[st
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for _ in range(calls):
             fn()
-    kinds = {"matmul": 0.0, "matmul_flops": 0.0, "attention": 0.0, "optimizer": 0.0}
-    for event in prof.key_averages():
-        if event.key in MATMULS:
-            kinds["matmul"] += event.self_cpu_time_total
-            kinds["matmul_flops"] += event.flops
-        elif any(name in event.key for name in ATTENTION):
-            kinds["attention"] += event.self_cpu_time_total
-        elif event.key.startswith(OPTIMIZER):
-            kinds["optimizer"] += event.cpu_time_total
-    per_call = {k: v / calls / (1 if k == "matmul_flops" else 1e6) for k, v in kinds.items()}
-    step = statistics.median(times)
-    per_call["step"] = step
-    per_call["rest"] = step - per_call["matmul"] - per_call["attention"] - per_call["optimizer"]
-    per_call["floor"] = (per_call["matmul_flops"] / matmul_rate + per_call["attention"]
-                         + per_call["optimizer"])
-    return per_call
+    kinds = split_by_kind(prof.events(), calls)
+    kinds["step"] = statistics.median(times)
+    kinds["rest"] = kinds["step"] - kinds["matmul"] - kinds["attention"] - kinds["optimizer"]
+    kinds["floor"] = kinds["matmul_flops"] / matmul_rate + kinds["attention"] + kinds["optimizer"]
+    return kinds
 
 
 def kind_table(kinds: dict[str, float], matmul_rate: float) -> str:
@@ -92,6 +112,9 @@ def main() -> None:
     parser.add_argument("--by-kind", action="store_true",
                         help="time by kind (matmul, attention, optimizer, rest) and the floor")
     args = parser.parse_args()
+    if args.by_kind and args.work != "train":
+        parser.error("--by-kind splits a training step (compiled sampling's C++ GEMMs are no aten "
+                     "matmuls it could count)")
     size, compiled = stage2.Size(kv_heads=args.kv_heads), args.who == "compiled"
     if args.work == "train":
         fns = stage2.train_steps(size, args.grid, args.batch, compile=compiled)

@@ -383,22 +383,31 @@ def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def _v1_header_of(literal: bytes) -> bytes:
+    """The length field and padded header of a version 1.0 .npy file holding `literal`."""
+    header = literal + b" " * (-(len(literal) + 11) % 64) + b"\n"
+    return len(header).to_bytes(2, "little") + header
+
+
 def test_token_decoder_reads_what_np_load_reads_and_skips_the_rest():
     decode = TokenDecoder()
     arrays = [np.arange(256, dtype=np.int16), np.arange(12, dtype=np.int32).reshape(3, 4),
               np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),
               np.arange(6, dtype=np.uint8), np.arange(4, dtype=">i4"), np.zeros(0, np.int16)]
-    for array in arrays:
-        data = npy_bytes(array)
+    version_2 = io.BytesIO()
+    np.lib.format.write_array(version_2, np.arange(5, dtype=np.int32), version=(2, 0))
+    for data in [npy_bytes(array) for array in arrays] + [version_2.getvalue()]:
         raw = {"__key__": "k", "tokens.npy": data, "txt": b" a caption "}
         sample = decode(raw, SampleRng([0]))
         expected = np.load(io.BytesIO(data)).astype(np.int64).reshape(-1)
-        assert sample["tokens"].tolist() == expected.tolist(), array
+        assert sample["tokens"].tolist() == expected.tolist(), data[:80]
         assert sample["tokens"].dtype == torch.int64 and sample["caption"] == "a caption"
     good = npy_bytes(np.arange(64, dtype=np.int16))
     bad = {"truncated data": good[:-2], "truncated header": good[:40], "not npy": b"tokens" * 20,
            "floats": npy_bytes(np.ones(4)), "objects": npy_bytes(np.array([{}]), allow_pickle=True),
-           "empty": b"", "negative shape": good.replace(b"(64,)", b"(-4,)")}
+           "empty": b"", "negative shape": good.replace(b"(64,)", b"(-4,)"),
+           "version 2.1": good[:7] + b"\x01" + good[8:],
+           "nested header": good[:8] + _v1_header_of(b"{'descr': " + b"-" * 5000 + b"1}")}
     for what, data in bad.items():
         with pytest.raises(SkipSample) as skipped:
             decode({"__key__": "k", "tokens.npy": data, "txt": b"c"}, SampleRng([0]))
@@ -412,4 +421,5 @@ def test_sample_rng_draws_as_its_seed_and_only_when_used():
     assert lazy._rng is None  # a decoder that draws nothing never pays for seeding
     assert lazy.integers(100, size=5).tolist() == eager.integers(100, size=5).tolist()
     assert lazy.random() == eager.random()  # one generator, made once, continues its stream
-    assert copy.deepcopy(SampleRng([1])).integers(10**9) == np.random.default_rng([1]).integers(10**9)
+    copied = copy.deepcopy(SampleRng([1]))
+    assert copied.integers(10**9) == np.random.default_rng([1]).integers(10**9)

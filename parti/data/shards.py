@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlparse
 
 import braceexpand
@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-Decode = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+Rng: TypeAlias = "np.random.Generator | SampleRng"  # a decoder's per-sample random source
+Decode = Callable[[dict[str, Any], Rng], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 WORKER = "__worker__"  # batch key: the logical reader that made the batch
@@ -187,7 +188,8 @@ class SkipCounter:
 
 class SampleRng:
     """A sample's random generator, seeded by its place in the stream and made on first use:
-    seeding costs ~14 us a sample, which decoders that draw nothing (token samples) never pay."""
+    seeding costs ~14 us a sample, which decoders that draw nothing (token samples) never pay.
+    It answers every np.random.Generator method (it is not one: isinstance checks fail)."""
 
     def __init__(self, seed: Sequence[int]):
         self._seed = list(seed)
@@ -201,8 +203,8 @@ class SampleRng:
         return getattr(self._rng, name)
 
 
-def decode_or_skip(item: dict[str, Any] | BadShard, decode: Decode,
-                   rng: np.random.Generator | SampleRng | None, skips: SkipCounter) -> dict[str, Any] | None:
+def decode_or_skip(item: dict[str, Any] | BadShard, decode: Decode, rng: Rng | None,
+                   skips: SkipCounter) -> dict[str, Any] | None:
     """The decoded sample, or None once the reason `item` cannot be used is counted."""
     if isinstance(item, BadShard):
         skips.skip(item.reason)
