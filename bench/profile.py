@@ -12,8 +12,6 @@ or (--by-kind, training only) the step's time split into matmuls, attention, opt
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import stage2
+from bench.timing import median, once, warm
 from parti.training.perf import measured_matmul_flops
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
@@ -63,16 +62,12 @@ def by_kind(fn: Callable[[], object], calls: int, matmul_rate: float) -> dict[st
     `rest`, the step less the three kinds (what the profiler adds to them, mostly to the small
     ops, makes it a slight underestimate); and `floor`, the matmuls at `matmul_rate` plus attention
     and optimizer as measured: the step if every other op were free."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = [once(fn) for _ in range(calls)]
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for _ in range(calls):
             fn()
     kinds = split_by_kind(prof.events(), calls)
-    kinds["step"] = statistics.median(times)
+    kinds["step"] = median(times)
     kinds["rest"] = kinds["step"] - kinds["matmul"] - kinds["attention"] - kinds["optimizer"]
     kinds["floor"] = kinds["matmul_flops"] / matmul_rate + kinds["attention"] + kinds["optimizer"]
     return kinds
@@ -121,8 +116,7 @@ def main() -> None:
     else:
         fns = stage2.samplers(size, args.grid, args.batch, args.compile_mode if compiled else None)
     fn = fns.get(args.who, fns["ours"])  # a compiled training step is the "ours" of train_steps
-    for _ in range(args.warmup):
-        fn()
+    warm(fn, seconds=0.0, calls=args.warmup)
     if args.by_kind:
         rate = measured_matmul_flops(torch.device("cpu"), seconds=1.0)
         print(kind_table(by_kind(fn, args.calls, rate), rate))
