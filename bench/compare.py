@@ -37,7 +37,7 @@ class Plan:
     s2: stage2.Size = field(default_factory=stage2.Size)
     train: tuple[tuple[int, int], ...] = ((8, 16), (16, 8))  # (grid, batch)
     compile: bool = True  # also train and sample ours under torch.compile (both ways in the table)
-    matched_kv: bool = True  # also ours with one key/value head per layer, as the peer's attention
+    matched_kv: bool = True  # also ours with the peer's layout: one key/value head, no biases
     sample: tuple[tuple[int, int], ...] = ((8, 1), (8, 16), (16, 1), (16, 16))  # (grid, batch)
     # sampling sizes compiled as compile_mode=max-autotune (the batch-1 target row): ~1 min of
     # compiling a trace, too long for every row of a 10-minute bench; the others compile as default
@@ -88,18 +88,18 @@ def as_shipped(fns: dict[str, Callable[[], object]], ours_flush: bool
     return {name: under(fn, ours_flush and name != "peer") for name, fn in fns.items()}
 
 
-def one_kv_head(size: stage2.Size) -> stage2.Size:
-    """Our model at `size` with the peer's key/value layout: one head per attention layer (the peer
-    also shares it between keys and values)."""
-    return replace(size, kv_heads=1)
+def as_the_peer(size: stage2.Size) -> stage2.Size:
+    """Our model at `size` with the peer's layout: one key/value head per attention layer (the peer
+    also shares it between keys and values) and no additive biases."""
+    return replace(size, kv_heads=1, bias=False)
 
 
-MATCHED_KV = ", 1 KV head (as the peer)"
+MATCHED_KV = ", 1 KV head, no biases (as the peer)"
 
 
 def stage2_training(plan: Plan, matmul: float) -> list[Row]:
     """Per grid: ours eager, (plan.compile) ours under torch.compile and (plan.matched_kv) ours
-    with one key/value head, eager, each against the peer; our MFU against the matmul rate."""
+    in the peer's layout, eager, each against the peer; our MFU against the matmul rate."""
     rows = []
     for grid, batch in plan.train:
         steps = stage2.train_steps(plan.s2, grid, batch)
@@ -107,7 +107,7 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
         if plan.compile:
             fns["compiled"] = stage2.our_train_step(plan.s2, grid, batch, compile=True)["ours"]
         if plan.matched_kv:
-            fns["matched"] = stage2.our_train_step(one_kv_head(plan.s2), grid, batch)["ours"]
+            fns["matched"] = stage2.our_train_step(as_the_peer(plan.s2), grid, batch)["ours"]
         t = interleaved(as_shipped(fns, ours_flush=True), plan.seconds)
         tokens = grid * grid * batch
         work = f"train {grid}x{grid} grid, batch {batch}"
@@ -129,8 +129,8 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
 
 
 def sampling(plan: Plan) -> list[Row]:
-    """Whole images, guided: ours eager, (plan.compile) compiled and (plan.matched_kv) ours with one
-    key/value head (compiled if plan.compile), each timed just before and just after the peer's
+    """Whole images, guided: ours eager, (plan.compile) compiled and (plan.matched_kv) ours in the
+    peer's layout (compiled if plan.compile), each timed just before and just after the peer's
     one run and warmed first (a compiled one compiles in its warm-up)."""
     rows = []
     # Each (grid, batch, model) is its own trace of the one compiled sampling step: past torch's
@@ -150,7 +150,7 @@ def _sampling_rows(plan: Plan, grid: int, batch: int) -> list[Row]:
     labels = {"ours": ", eager", "compiled": f", torch.compile {mode}"}
     if plan.matched_kv:
         fastest = "compiled" if plan.compile else "ours"
-        fns["matched"] = stage2.our_samplers(one_kv_head(plan.s2), grid, batch, mode)[fastest]
+        fns["matched"] = stage2.our_samplers(as_the_peer(plan.s2), grid, batch, mode)[fastest]
         labels["matched"] = MATCHED_KV + labels[fastest]
     fns = as_shipped(fns, ours_flush=False)
     ours = [name for name in fns if name != "peer"]

@@ -5,7 +5,7 @@ or (--by-kind, training only) the step's time split into matmuls, attention, opt
     python -m bench.profile train --grid 8 --batch 16 --who peer # the peer's training step
     python -m bench.profile sample --grid 16 --batch 1 --who compiled  # ours, compile=True
     python -m bench.profile sample --grid 16 --batch 1 --who compiled --compile-mode max-autotune
-    python -m bench.profile train --grid 8 --batch 16 --kv-heads 1     # ours, multi-query
+    python -m bench.profile train --grid 8 --batch 16 --kv-heads 1 --no-bias  # ours as the peer
     python -m bench.profile train --grid 8 --batch 16 --by-kind --warmup 15 --calls 8  # the floor
 """
 
@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=None,
                         help="ours with this many key/value heads (default: one per query head; "
                              "the peer always has one)")
+    parser.add_argument("--no-bias", action="store_true",
+                        help="ours without additive biases (model.bias=false; the peer has none)")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--calls", type=int, default=1, help="calls profiled after the warm-up")
     parser.add_argument("--warmup", type=int, default=2, help="calls before any timing")
@@ -110,7 +112,8 @@ def main() -> None:
     if args.by_kind and args.work != "train":
         parser.error("--by-kind splits a training step (compiled sampling's C++ GEMMs are no aten "
                      "matmuls it could count)")
-    size, compiled = stage2.Size(kv_heads=args.kv_heads), args.who == "compiled"
+    size = stage2.Size(kv_heads=args.kv_heads, bias=not args.no_bias)
+    compiled = args.who == "compiled"
     if args.work == "train":
         fns = stage2.train_steps(size, args.grid, args.batch, compile=compiled)
     else:

@@ -21,12 +21,14 @@ PEER_TOP_FRACTION = 0.1  # the peer's filter_thres=0.9 keeps the top 10% of the 
 @dataclass(frozen=True)
 class Size:
     """One matched size: width, decoder depth, heads, MLP multiple, codebook, text length; ours
-    with `kv_heads` key/value heads (None: one per query head; the peer always has one)."""
+    with `kv_heads` key/value heads (None: one per query head; the peer always has one) and
+    `bias`es or not (the peer has none)."""
 
     dim: int = 256
     dec_layers: int = 4
     heads: int = 8
     kv_heads: int | None = None
+    bias: bool = True
     ff_mult: int = 4
     codebook_size: int = 1024
     text_len: int = 32
@@ -37,7 +39,7 @@ def ours(size: Size, grid: int) -> Parti:
     cfg = PartiConfig(vocab_size=size.vocab_size, text_len=size.text_len,
                       codebook_size=size.codebook_size, image_grid=grid, dim=size.dim,
                       enc_layers=1, dec_layers=size.dec_layers, heads=size.heads,
-                      kv_heads=size.kv_heads,
+                      kv_heads=size.kv_heads, bias=size.bias,
                       mlp_dim=size.ff_mult * size.dim, dropout=0.0)
     return Parti(cfg)
 

@@ -34,11 +34,11 @@ def test_every_row_at_toy_size(shapes_dir):
                      COMMON + VQGAN, COMMON + PARTI)
     rows, info = run(plan)
     stage2 = [row.work for row in rows if row.section == "2"]
-    # per size: ours and ours with the peer's one key/value head (compile is off at toy size)
+    # per size: ours and ours in the peer's layout (compile is off at toy size)
     assert sum(w.startswith("train") and "MFU" not in w for w in stage2) == 4
     assert sum(w.endswith("MFU") for w in stage2) == 2
     assert sum(w.startswith("sample") for w in stage2) == 4
-    assert sum("1 KV head (as the peer), eager" in w for w in stage2) == 4
+    assert sum("1 KV head, no biases (as the peer), eager" in w for w in stage2) == 4
     assert sum(row.section == "1" for row in rows) == 2
     assert sum(row.section == "loop" for row in rows) == 4
     for row in rows:

@@ -1,4 +1,5 @@
-"""FSDP (`trainer.strategy=fsdp`) on gloo ranks: equal to DDP, checkpoints that reshard, exact resume.
+"""FSDP (`trainer.strategy=fsdp`) on gloo ranks: equal to DDP, checkpoints that reshard, exact resume;
+a sharded root that returns its logits without FSDP2's warning about views.
 
 Every rank reads its own token shards (the loader splits them by rank), so a wrong gradient
 reduction changes the result.
@@ -6,16 +7,21 @@ reduction changes the result.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from parti.config import validate_parti
+from parti.distributed import Dist
 from parti.distributed.checkpoint import read_tensors
-from parti.distributed.parallel import full_tensors
+from parti.distributed.parallel import full_tensors, parallelize
+from parti.models.layers import TransformerBlock
+from parti.models.parti import Parti, PartiConfig
 from parti.training.stage2 import PartiTask
 from parti.training.trainer import Trainer, start_run
 from tests.conftest import compose_config, tiny_parti_overrides
@@ -75,6 +81,30 @@ def assert_holds(loaded: dict, expected: dict, step: int) -> None:
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_sharded_parti_returns_its_logits_as_a_tensor_not_a_view(bias):
+    """FSDP2 warns when a sharded root returns a view: an in-place edit of it would skip the
+    gradient all-gather. nn.Linear with a bias returns one for (B, T, D) input."""
+    owned = not dist.is_initialized()
+    torch.manual_seed(0)
+    model = Parti(PartiConfig(dropout=0.0, image_grid=4, bias=bias))
+    parallelize(model, "fsdp", Dist(0, 1, 0, torch.device("cpu")), "fp32", False, False,
+                (TransformerBlock,))
+    ids = torch.randint(1, 512, (2, 32))
+    tokens = torch.randint(0, 512, (2, 16))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits = model(ids, torch.ones_like(ids, dtype=torch.bool), tokens)
+        assert logits._base is None
+        assert not [w for w in caught if "view" in str(w.message)], [str(w.message) for w in caught]
+        logits.logsumexp(-1).mean().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -62,9 +62,10 @@ def decode_all(model: Parti, ids, mask, tokens, prefill: int = 0):
 KV_HEADS = [None, 2, 1]  # one key/value head per query head, 2 groups of 2, multi-query
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
-def test_adamw_steps_lower_the_loss(kv_heads):
-    model = tiny_model(dropout=0.0, kv_heads=kv_heads)
+def test_adamw_steps_lower_the_loss(kv_heads, bias):
+    model = tiny_model(dropout=0.0, kv_heads=kv_heads, bias=bias)
     ids, mask, tokens = make_batch([3, 8, 5, 1])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -109,10 +110,11 @@ def test_text_padding_changes_nothing():
         assert not torch.allclose(model(other_real, mask, tokens)[0], ref[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
 @pytest.mark.parametrize("prefill", [0, 5])
-def test_cached_decoding_equals_teacher_forcing(prefill, kv_heads):
-    model = tiny_model(kv_heads=kv_heads).eval()
+def test_cached_decoding_equals_teacher_forcing(prefill, kv_heads, bias):
+    model = tiny_model(kv_heads=kv_heads, bias=bias).eval()
     ids, mask, tokens = make_batch([2, 8, 5])
     with torch.no_grad():
         ref = model(ids, mask, tokens)
@@ -121,11 +123,12 @@ def test_cached_decoding_equals_teacher_forcing(prefill, kv_heads):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
-def test_fixed_shape_decoding_equals_teacher_forcing(kv_heads):
+def test_fixed_shape_decoding_equals_teacher_forcing(kv_heads, bias):
     """decode_fixed (what the compiled sampler traces) gives teacher forcing's logits, padded
     captions included, after a decode_step at position 0 has filled the caches."""
-    model = tiny_model(kv_heads=kv_heads).eval()
+    model = tiny_model(kv_heads=kv_heads, bias=bias).eval()
     ids, mask, tokens = make_batch([2, 8, 5])
     with torch.no_grad():
         ref = model(ids, mask, tokens)
@@ -277,6 +280,8 @@ def test_residual_projections_are_scaled_by_depth():
         ("dropout", 1.0),
         ("text_dropout", -0.1),
         ("init_std", 0.0),
+        ("bias", "false"),
+        ("tie_embeddings", 1),
     ],
 )
 def test_validate_names_the_bad_key(key, value):
@@ -300,17 +305,38 @@ def test_tie_embeddings_shares_the_weight():
     assert torch.equal(tied.head.weight, tied.image_emb.weight)
 
 
-def test_an_export_from_before_kv_heads_loads_as_multi_head(tmp_path):
+def test_bias_false_drops_every_additive_bias_and_exports(tmp_path):
+    from dataclasses import asdict
+
+    from parti.distributed.checkpoint import export_weights
+    from parti.models.loading import _load
+
+    with_bias, without = tiny_model(), tiny_model(bias=False).eval()
+    biases = {name: p.numel() for name, p in with_bias.named_parameters() if name.endswith(".bias")}
+    assert biases and not [n for n, _ in without.named_parameters() if n.endswith(".bias")]
+    assert with_bias.num_params(non_embedding=False) - without.num_params(non_embedding=False) == \
+        sum(biases.values())
+    assert with_bias.flops_per_token() > without.flops_per_token()
+    export_weights(tmp_path / "export", without.state_dict(),
+                   {"kind": "parti", "model": asdict(without.cfg)})
+    loaded, _ = _load(tmp_path / "export", "parti", PartiConfig, Parti, "cpu", "")
+    ids, mask, tokens = make_batch([3, 8])
+    assert not loaded.cfg.bias
+    assert torch.equal(loaded(ids, mask, tokens), without(ids, mask, tokens))
+
+
+def test_an_export_from_before_kv_heads_and_bias_loads_as_multi_head_with_biases(tmp_path):
     from dataclasses import asdict
 
     from parti.distributed.checkpoint import export_weights
     from parti.models.loading import _load
 
     model = tiny_model().eval()
-    older = {key: value for key, value in asdict(model.cfg).items() if key != "kv_heads"}
+    older = {key: value for key, value in asdict(model.cfg).items()
+             if key not in ("kv_heads", "bias")}
     export_weights(tmp_path / "export", model.state_dict(), {"kind": "parti", "model": older})
     loaded, _ = _load(tmp_path / "export", "parti", PartiConfig, Parti, "cpu", "")
-    assert loaded.cfg.kv_heads is None
+    assert loaded.cfg.kv_heads is None and loaded.cfg.bias
     ids, mask, tokens = make_batch([3, 8])
     assert torch.equal(loaded(ids, mask, tokens), model(ids, mask, tokens))
 

@@ -71,10 +71,11 @@ class Attention(nn.Module):
     `kv_heads` key/value heads (default `heads`) are shared by groups of heads // kv_heads query
     heads: 1 is multi-query attention (Shazeer 2019), in between grouped-query attention. Fewer
     key/value heads shrink the key/value projections and the KV cache that decoding reads per token.
+    `bias=False` drops the projections' additive biases (as T5).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None,
-                 kv_heads: int | None = None):
+                 kv_heads: int | None = None, bias: bool = True):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
         if dim % heads:
@@ -83,9 +84,9 @@ class Attention(nn.Module):
             raise ValueError(f"attention heads {heads} are not divisible by kv_heads {kv_heads}")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.dropout = dropout
-        self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * kv_heads * self.head_dim)
-        self.proj = nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * kv_heads * self.head_dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
 
     def _heads(self, t: Tensor, heads: int) -> Tensor:
         """(B, T, heads * Dh) -> (B, heads, T, Dh), a view."""
@@ -181,10 +182,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward network: Linear -> GELU -> dropout -> Linear."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -194,7 +195,8 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: self-attention, optional cross-attention to a context, MLP; residual dropout.
 
-    `kv_heads` (default `heads`) applies to both attentions (see `Attention`)."""
+    `kv_heads` (default `heads`) applies to both attentions (see `Attention`); `bias=False` drops
+    the additive biases of every linear layer and layer norm."""
 
     def __init__(
         self,
@@ -205,17 +207,18 @@ class TransformerBlock(nn.Module):
         cross_attention: bool = False,
         causal: bool = False,
         kv_heads: int | None = None,
+        bias: bool = True,
     ):
         super().__init__()
         self.causal = causal
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout, kv_heads=kv_heads)
-        self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
+        self.norm1 = nn.LayerNorm(dim, bias=bias)
+        self.attn = Attention(dim, heads, dropout, kv_heads=kv_heads, bias=bias)
+        self.cross_norm = nn.LayerNorm(dim, bias=bias) if cross_attention else None
         self.cross_attn = (
-            Attention(dim, heads, dropout, kv_heads=kv_heads) if cross_attention else None
+            Attention(dim, heads, dropout, kv_heads=kv_heads, bias=bias) if cross_attention else None
         )
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim, bias=bias)
+        self.mlp = MLP(dim, mlp_dim, dropout, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(

@@ -42,6 +42,7 @@ class PartiConfig:
     dropout: float = 0.1  # attention, residual, MLP and embedding dropout (Parti: 0.1)
     text_dropout: float = 0.1  # chance of training on the empty caption (classifier-free guidance)
     tie_embeddings: bool = False  # share the image-token embedding with the output projection
+    bias: bool = True  # additive biases in the linear layers and layer norms (False: none, as T5)
     init_std: float = 0.02  # std of the normal init of weights, image embeddings, positions (words: 1)
 
 
@@ -79,6 +80,9 @@ def validate(cfg: PartiConfig) -> None:
         value = getattr(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"model.{key} must be in [0, 1), got {value!r}")
+    for key in ("tie_embeddings", "bias"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ValueError(f"model.{key} must be true or false, got {getattr(cfg, key)!r}")
     if not cfg.init_std > 0.0:
         raise ValueError(f"model.init_std must be > 0, got {cfg.init_std!r}")
 
@@ -102,10 +106,11 @@ class Parti(nn.Module):
         self.text_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=0)
         self.text_pos = nn.Parameter(torch.empty(cfg.text_len, d))
         self.encoder = nn.ModuleList(
-            TransformerBlock(d, cfg.heads, cfg.mlp_dim, cfg.dropout, kv_heads=cfg.kv_heads)
+            TransformerBlock(d, cfg.heads, cfg.mlp_dim, cfg.dropout, kv_heads=cfg.kv_heads,
+                             bias=cfg.bias)
             for _ in range(cfg.enc_layers)
         )
-        self.encoder_norm = nn.LayerNorm(d)
+        self.encoder_norm = nn.LayerNorm(d, bias=cfg.bias)
 
         self.start = nn.Parameter(torch.empty(d))
         self.image_emb = nn.Embedding(cfg.codebook_size, d)
@@ -113,12 +118,12 @@ class Parti(nn.Module):
         self.decoder = nn.ModuleList(
             TransformerBlock(
                 d, cfg.heads, cfg.mlp_dim, cfg.dropout, cross_attention=True, causal=True,
-                kv_heads=cfg.kv_heads,
+                kv_heads=cfg.kv_heads, bias=cfg.bias,
             )
             for _ in range(cfg.dec_layers)
         )
-        self.decoder_norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg.codebook_size)
+        self.decoder_norm = nn.LayerNorm(d, bias=cfg.bias)
+        self.head = nn.Linear(d, cfg.codebook_size, bias=cfg.bias)
         if cfg.tie_embeddings:
             self.head.weight = self.image_emb.weight
         self.drop = nn.Dropout(cfg.dropout)
@@ -130,7 +135,8 @@ class Parti(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
         # Word embeddings at unit scale (as T5): a caption's words stay distinct through the
@@ -253,7 +259,15 @@ class Parti(nn.Module):
         for i, block in enumerate(self.decoder):
             block_cache = cache[i] if cache is not None else None
             x = block(x, context=memory, context_mask=text_mask, cache=block_cache)
-        return self.head(self.decoder_norm(x))
+        return self._logits(self.decoder_norm(x))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The output projection (B, T, D) -> (B, T, K) as a tensor of its own, not a view: with a
+        bias, nn.Linear on 3-D input returns a view of its 2-D product, and FSDP2 warns when a
+        sharded root returns a view (an in-place edit of it would skip the gradient all-gather).
+        `_unsafe_view`, what torch's matmul returns for the same reason, copies nothing."""
+        logits = self.head(x)
+        return torch.ops.aten._unsafe_view(logits, logits.shape)
 
     def _check_text(self, text_ids: Tensor, text_mask: Tensor) -> None:
         """Raise ValueError for text ids or a mask of a shape or dtype the encoder cannot take."""
