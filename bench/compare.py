@@ -37,7 +37,7 @@ class Plan:
     s2: stage2.Size = field(default_factory=stage2.Size)
     train: tuple[tuple[int, int], ...] = ((8, 16), (16, 8))  # (grid, batch)
     compile: bool = True  # also train and sample ours under torch.compile (both ways in the table)
-    matched_kv: bool = True  # also ours with the peer's layout: one key/value head, no biases
+    peer_layout: bool = True  # also ours with the peer's layout: one key/value head, no biases
     sample: tuple[tuple[int, int], ...] = ((8, 1), (8, 16), (16, 1), (16, 16))  # (grid, batch)
     # sampling sizes compiled as compile_mode=max-autotune (the batch-1 target row): ~1 min of
     # compiling a trace, too long for every row of a 10-minute bench; the others compile as default
@@ -94,11 +94,11 @@ def as_the_peer(size: stage2.Size) -> stage2.Size:
     return replace(size, kv_heads=1, bias=False)
 
 
-MATCHED_KV = ", 1 KV head, no biases (as the peer)"
+PEER_LAYOUT = ", 1 KV head, no biases (as the peer)"
 
 
 def stage2_training(plan: Plan, matmul: float) -> list[Row]:
-    """Per grid: ours eager, (plan.compile) ours under torch.compile and (plan.matched_kv) ours
+    """Per grid: ours eager, (plan.compile) ours under torch.compile and (plan.peer_layout) ours
     in the peer's layout, eager, each against the peer; our MFU against the matmul rate."""
     rows = []
     for grid, batch in plan.train:
@@ -106,7 +106,7 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
         fns = {"ours": steps["ours"], "peer": steps["peer"]}
         if plan.compile:
             fns["compiled"] = stage2.our_train_step(plan.s2, grid, batch, compile=True)["ours"]
-        if plan.matched_kv:
+        if plan.peer_layout:
             fns["matched"] = stage2.our_train_step(as_the_peer(plan.s2), grid, batch)["ours"]
         t = interleaved(as_shipped(fns, ours_flush=True), plan.seconds)
         tokens = grid * grid * batch
@@ -119,8 +119,8 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
                             *_rates(t, "compiled", "peer", tokens), 1.5))
             compiled = tokens / median(t["compiled"]) * steps["flops_per_token"]
             extra = f"torch.compile: {compiled / 1e9:.1f} GFLOP/s = {compiled / matmul:.0%}"
-        if plan.matched_kv:
-            rows.append(Row("2", f"{work}{MATCHED_KV}, eager", "image tok/s", "peer",
+        if plan.peer_layout:
+            rows.append(Row("2", f"{work}{PEER_LAYOUT}, eager", "image tok/s", "peer",
                             *_rates(t, "matched", "peer", tokens), 1.5))
         flops = ours * steps["flops_per_token"]
         rows.append(Row("2", f"{work}: ours eager MFU", "GFLOP/s", "fp32 matmul", matmul / 1e9,
@@ -129,7 +129,7 @@ def stage2_training(plan: Plan, matmul: float) -> list[Row]:
 
 
 def sampling(plan: Plan) -> list[Row]:
-    """Whole images, guided: ours eager, (plan.compile) compiled and (plan.matched_kv) ours in the
+    """Whole images, guided: ours eager, (plan.compile) compiled and (plan.peer_layout) ours in the
     peer's layout (compiled if plan.compile), each timed just before and just after the peer's
     one run and warmed first (a compiled one compiles in its warm-up)."""
     rows = []
@@ -148,10 +148,10 @@ def _sampling_rows(plan: Plan, grid: int, batch: int) -> list[Row]:
         mode = "max-autotune" if (grid, batch) in plan.autotune else "default"
     fns = stage2.samplers(plan.s2, grid, batch, mode)
     labels = {"ours": ", eager", "compiled": f", torch.compile {mode}"}
-    if plan.matched_kv:
+    if plan.peer_layout:
         fastest = "compiled" if plan.compile else "ours"
         fns["matched"] = stage2.our_samplers(as_the_peer(plan.s2), grid, batch, mode)[fastest]
-        labels["matched"] = MATCHED_KV + labels[fastest]
+        labels["matched"] = PEER_LAYOUT + labels[fastest]
     fns = as_shipped(fns, ours_flush=False)
     ours = [name for name in fns if name != "peer"]
     for name in ours:

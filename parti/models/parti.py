@@ -81,8 +81,9 @@ def validate(cfg: PartiConfig) -> None:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"model.{key} must be in [0, 1), got {value!r}")
     for key in ("tie_embeddings", "bias"):
-        if not isinstance(getattr(cfg, key), bool):
-            raise ValueError(f"model.{key} must be true or false, got {getattr(cfg, key)!r}")
+        value = getattr(cfg, key)
+        if not isinstance(value, bool):
+            raise ValueError(f"model.{key} must be true or false, got {value!r}")
     if not cfg.init_std > 0.0:
         raise ValueError(f"model.init_std must be > 0, got {cfg.init_std!r}")
 
