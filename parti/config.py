@@ -34,8 +34,8 @@ class DataConfig:
     """Where the shards are and how they are read (one file per dataset in conf/data/)."""
 
     name: str = MISSING
-    train_shards: str = MISSING           # image shards: brace pattern, list joined by '::', or pipe:
-    eval_shards: str = MISSING            # finite held-out image shards
+    train_shards: str = ""                # image shards: brace pattern, list joined by '::', or pipe:
+    eval_shards: str = ""                 # finite held-out image shards (both: stage 1, or on the fly)
     token_train_shards: str = ""          # stage 2: shards of precomputed image tokens ('' = none)
     token_eval_shards: str = ""
     text_tokenizer: str = ""              # stage 2: SentencePiece model trained on the captions
@@ -204,15 +204,21 @@ def validate_data(cfg: DataConfig | Any, stage: int) -> None:
     check_config(cfg.shards_per_block >= 1, "data.shards_per_block", f"{cfg.shards_per_block} must be >= 1")
     check_config(cfg.shuffle_buffer >= 1, "data.shuffle_buffer", f"{cfg.shuffle_buffer} must be >= 1")
     check_config(cfg.eval_samples >= 1, "data.eval_samples", f"{cfg.eval_samples} must be >= 1")
-    check_config(not cfg.generate or not urlparse(cfg.train_shards).scheme, "data.generate",
+    check_config(not cfg.generate or (bool(cfg.train_shards)
+                                      and not urlparse(cfg.train_shards).scheme), "data.generate",
                  f"writes the shapes data set next to data.train_shards, which must be a local path, "
                  f"not {cfg.train_shards!r}; set data.generate=false for other shards")
+    images = "stage 1 trains on" if stage == 1 else "data.encode_on_the_fly=true encodes"
+    for key in ("train_shards", "eval_shards"):
+        check_config(bool(getattr(cfg, key)) or (stage == 2 and not cfg.encode_on_the_fly),
+                     f"data.{key}", f"is empty: {images} image shards; set it")
     if stage == 2:
         check_config(bool(cfg.text_tokenizer), "data.text_tokenizer",
                      "stage 2 needs a SentencePiece model: python -m parti.text.train --shards ... --out ...")
-        check_config(cfg.encode_on_the_fly or bool(cfg.token_train_shards), "data.token_train_shards",
-                     "is empty: make token shards with python -m parti.data.tokenize, or set "
-                     "data.encode_on_the_fly=true")
+        for key in ("token_train_shards", "token_eval_shards"):
+            check_config(cfg.encode_on_the_fly or bool(getattr(cfg, key)), f"data.{key}",
+                         "is empty: make token shards with python -m parti.data.tokenize, or set "
+                         "data.encode_on_the_fly=true")
 
 
 def _check_resume(resume: str) -> None:

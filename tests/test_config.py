@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from parti.config import validate_parti, validate_vqgan
+from parti.config import to_container, validate_parti, validate_vqgan
 from parti.models.parti import Parti
 from parti.models.vitvqgan import VitVQGAN, count_block_params
 from tests.conftest import CONF_DIR, compose_config
@@ -116,12 +116,30 @@ def test_unknown_key_in_a_structured_node_names_it():
     ("train_parti", ["model.text_dropout=1.5"], "model.text_dropout"),
     ("train_parti", ["tokenizer.ckpt="], "tokenizer.ckpt"),
     ("train_parti", ["data.token_train_shards="], "data.token_train_shards"),
+    ("train_parti", ["data.token_eval_shards="], "data.token_eval_shards"),
+    ("train_vqgan", ["data=wds", "data.image_size=64", "data.eval_shards=/d/val.tar"],
+     "data.train_shards: is empty: stage 1 trains on image shards"),
+    ("train_vqgan", ["data=wds", "data.image_size=64", "data.train_shards=/d/0.tar"],
+     "data.eval_shards: is empty"),
+    ("train_parti", ["data=wds", "data.encode_on_the_fly=true", "data.text_tokenizer=/d/t.model"],
+     "data.train_shards: is empty: data.encode_on_the_fly=true encodes image shards"),
+    ("train_parti", ["data.generate=true", "data.train_shards="], "data.generate"),
 ])
 def test_impossible_values_fail_with_the_key_named(primary, overrides, message):
     cfg = compose_config(primary, overrides)
     validate = validate_parti if primary == "train_parti" else validate_vqgan
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(cfg)
+
+
+def test_stage2_on_token_shards_needs_no_image_shards():
+    """The README's stage-2 command on data=wds: token shards and a text model, no image shards."""
+    cfg = compose_config("train_parti", [
+        "model=parti_350m", "data=wds", "optim=adafactor", "tokenizer.ckpt=/runs/vqgan/export",
+        "data.token_train_shards='/data/tokens/{00000..01022}.tar'",
+        "data.token_eval_shards=/data/tokens/01023.tar", "data.text_tokenizer=/data/text.model"])
+    validate_parti(cfg)
+    assert to_container(cfg)["data"]["train_shards"] == ""
 
 
 def test_global_batch_accounts_for_world_size():

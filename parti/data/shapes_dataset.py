@@ -105,7 +105,8 @@ def prepare_shapes(data: DataConfig | Any, dist: Dist, recipe: ShapesRecipe = Sh
     if dist.is_main:
         out = Path(expand_urls(data.train_shards)[0]).parent
         ours = {Path(os.path.abspath(p)) for p in recipe.files(out)}
-        named = [*expand_urls(data.train_shards), *expand_urls(data.eval_shards)]
+        named = [url for key in ("train_shards", "eval_shards") if getattr(data, key)
+                 for url in expand_urls(getattr(data, key))]
         named += [data.text_tokenizer] if data.text_tokenizer else []
         named_ours = [path for path in map(Path, map(os.path.abspath, named)) if path in ours]
         if not all(path.exists() for path in named_ours):
