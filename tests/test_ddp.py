@@ -226,6 +226,26 @@ def test_stage2_resume_under_ddp_is_exact(shapes_dir, token_dir, tiny_tokenizer,
     assert_resume_is_exact(tmp_path, "train_parti", overrides, stop_at=3)
 
 
+def _draws_after_resume(rank: int, overrides: list[str]) -> torch.Tensor:
+    """What this rank's dropout would draw first after resuming the run in `overrides`."""
+    run = start_run(compose_config("train_vqgan", overrides), validate_vqgan)
+    trainer = Trainer(run, VQGANTask(run))
+    assert trainer.resume() is not None
+    return torch.rand(8)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_world_size_gives_each_rank_its_own_draws(shapes_dir, tmp_path):
+    """A checkpoint of 1 rank resumed by 2: the per-rank RNG states cannot be restored, and the
+    ranks must not all draw the same dropout masks from start_run's common seed."""
+    overrides = tiny_vqgan_overrides(shapes_dir, tmp_path / "run", steps=2) + [
+        "trainer.micro_batch=4"]
+    run = start_run(compose_config("train_vqgan", overrides), validate_vqgan)
+    Trainer(run, VQGANTask(run)).fit()
+    first, second = spawn(tmp_path / "two", _draws_after_resume, overrides)
+    assert not torch.equal(first, second)
+
+
 def _uneven_rank(rank: int, overrides: list[str]) -> dict[str, int]:
     run = start_run(compose_config("train_vqgan", overrides), validate_vqgan)
     task = VQGANTask(run)

@@ -354,6 +354,13 @@ class StopRequested:
             handler(self.received, None)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of `rank`'s dropout masks and text dropout from `step` on: seed + rank at step 0
+    (every rank its own), and a different one for each step a run resumes at with another world
+    size (whose per-rank RNG states cannot be restored)."""
+    return seed + rank + step * 1_000_003
+
+
 class Trainer:
     """Resume, then loop: micro-batches -> task step -> EMA, logs, evaluation, checkpoints."""
 
@@ -399,6 +406,8 @@ class Trainer:
         if own is not None:
             set_rng_state(own["rng"])
             self.loader_state = own["data"]
+        else:  # another world size: each rank draws afresh, but not what another rank draws
+            torch.manual_seed(rank_seed(self.cfg.trainer.seed, self.run.dist.rank, self.step))
         return path
 
     def _check_stage(self, path: Path, shared: dict) -> None:
@@ -460,7 +469,7 @@ class Trainer:
         if self.step == 0:
             # Models were built from the same seed on every rank; from here on each rank draws its
             # own dropout masks and text dropout (a resumed run restores these RNG states instead).
-            torch.manual_seed(t.seed + run.dist.rank)
+            torch.manual_seed(rank_seed(t.seed, run.dist.rank, 0))
             logger.text("config", f"```\n{OmegaConf.to_yaml(self.cfg, resolve=True)}\n```", 0)
         loader = self.task.train_loader(self.loader_state)
         batches = iter(loader)
