@@ -390,22 +390,23 @@ def _v1_header_of(literal: bytes) -> bytes:
 
 
 def test_token_decoder_reads_what_np_load_reads_and_skips_the_rest():
-    decode = TokenDecoder()
-    arrays = [np.arange(256, dtype=np.int16), np.arange(12, dtype=np.int32).reshape(3, 4),
-              np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),
-              np.arange(6, dtype=np.uint8), np.arange(4, dtype=">i4"), np.zeros(0, np.int16)]
+    decode = TokenDecoder(grid=4, codebook_size=16)
+    arrays = [np.arange(16, dtype=np.int16), np.arange(16, dtype=np.int32).reshape(4, 4),
+              np.asfortranarray(np.arange(16, dtype=np.int64).reshape(4, 4)),
+              np.arange(16, dtype=np.uint8), np.arange(16, dtype=">i4")]
     version_2 = io.BytesIO()
-    np.lib.format.write_array(version_2, np.arange(5, dtype=np.int32), version=(2, 0))
+    np.lib.format.write_array(version_2, np.arange(16, dtype=np.int32), version=(2, 0))
     for data in [npy_bytes(array) for array in arrays] + [version_2.getvalue()]:
         raw = {"__key__": "k", "tokens.npy": data, "txt": b" a caption "}
         sample = decode(raw, SampleRng([0]))
         expected = np.load(io.BytesIO(data)).astype(np.int64).reshape(-1)
         assert sample["tokens"].tolist() == expected.tolist(), data[:80]
         assert sample["tokens"].dtype == torch.int64 and sample["caption"] == "a caption"
-    good = npy_bytes(np.arange(64, dtype=np.int16))
+    good = npy_bytes(np.arange(16, dtype=np.int16))
     bad = {"truncated data": good[:-2], "truncated header": good[:40], "not npy": b"tokens" * 20,
-           "floats": npy_bytes(np.ones(4)), "objects": npy_bytes(np.array([{}]), allow_pickle=True),
-           "empty": b"", "negative shape": good.replace(b"(64,)", b"(-4,)"),
+           "floats": npy_bytes(np.ones(16)), "objects": npy_bytes(np.array([{}]), allow_pickle=True),
+           "empty": b"", "negative shape": good.replace(b"(16,)", b"(-4,)"),
+           "no tokens": npy_bytes(np.zeros(0, np.int16)),
            "version 2.1": good[:7] + b"\x01" + good[8:],
            "nested header": good[:8] + _v1_header_of(b"{'descr': " + b"-" * 5000 + b"1}")}
     for what, data in bad.items():
@@ -414,6 +415,34 @@ def test_token_decoder_reads_what_np_load_reads_and_skips_the_rest():
         assert skipped.value.reason == "corrupt_tokens", what
     with pytest.raises(SkipSample, match="missing_tokens"):
         decode({"__key__": "k", "txt": b"c"}, SampleRng([0]))
+
+
+def test_token_samples_of_wrong_shape_dtype_or_values_are_skipped_as_corrupt(tmp_path):
+    tokens = np.arange(4, dtype=np.int16)  # a 2x2 grid, codebook of 4
+    good = {"g0": tokens, "g1": tokens[::-1], "g2": tokens.reshape(2, 2)}  # (2, 2): a grid
+    bad = {"short": tokens[:3], "long": np.arange(5, dtype=np.int16), "ndim": tokens[None, :, None],
+           "not the grid": tokens.reshape(1, 4), "negative": tokens - 1, "too large": tokens + 1,
+           "float": tokens.astype(np.float32), "bool": np.ones(4, bool)}
+    members = [m for i, (key, array) in enumerate([*good.items(), *bad.items()]) for m in
+               ((f"{i:02d}.tokens.npy", npy_bytes(array)), (f"{i:02d}.txt", key.encode()))]
+    loader = build_eval_loader(write_tar(tmp_path / "tokens.tar", members),
+                               TokenDecoder(grid=2, codebook_size=4), batch_size=2)
+    batches = list(loader)
+    assert [c for b in batches for c in b["caption"]] == ["g0", "g1", "g2"]
+    assert loader.skipped == {"corrupt_tokens": len(bad)}
+    assert torch.cat([b["tokens"] for b in batches]).tolist() == [[0, 1, 2, 3], [3, 2, 1, 0],
+                                                                    [0, 1, 2, 3]]
+
+
+def test_blank_captions_are_skipped_as_missing(tmp_path):
+    members = [*good("g0", 1), ("b0.png", noise_image(2)), ("b0.txt", b""),
+               ("b1.png", noise_image(3)), ("b1.txt", b" \n\t "), *good("g1", 4)]
+    loader = build_eval_loader(write_tar(tmp_path / "blank.tar", members), DECODE, batch_size=2)
+    assert keys_of(loader) == ["g0", "g1"]
+    assert loader.skipped == {"missing_caption": 2}
+    tokens = {"__key__": "k", "tokens.npy": npy_bytes(np.zeros(4, np.int16)), "txt": b"  "}
+    with pytest.raises(SkipSample, match="missing_caption"):
+        TokenDecoder(grid=2, codebook_size=4)(tokens, SampleRng([0]))
 
 
 def test_sample_rng_draws_as_its_seed_and_only_when_used():

@@ -165,6 +165,24 @@ def test_resume_from_a_named_checkpoint_folder(shapes_dir, tmp_path):
     assert again.resume() == chosen and again.step == 2
 
 
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(shapes_dir, tmp_path):
+    """Rolling a run back: its new history is saved (not skipped as already there) and the
+    abandoned checkpoints are renamed, not deleted, so resume=auto continues the new one."""
+    extra = ["loss.disc_start=1000", "trainer.ckpt_every=1", "trainer.keep_last=10"]
+    build(shapes_dir, tmp_path, steps=4, extra=extra)[0].fit()
+    root = tmp_path / "checkpoints"
+    rolled_back, _ = build(shapes_dir, tmp_path, steps=4,
+                           extra=[*extra, f"resume={root / 'step-0000002'}"])
+    assert rolled_back.resume() == root / "step-0000002"
+    aside = sorted(p.name.split(".")[0] for p in root.iterdir() if ".superseded-" in p.name)
+    assert aside == ["step-0000003", "step-0000004"]
+    assert Checkpointer(tmp_path, 10, rolled_back.run.dist).latest() == root / "step-0000002"
+    rolled_back.fit()
+    again, _ = build(shapes_dir, tmp_path, steps=4, extra=extra)
+    assert again.resume() == root / "step-0000004" and again.step == 4
+    assert all((root / p / "COMPLETE").is_file() for p in aside)
+
+
 def test_a_checkpoint_of_the_other_stage_is_refused(shapes_dir, token_dir, tiny_tokenizer,
                                                     tmp_path):
     from tests.test_stage2 import build as build_stage2

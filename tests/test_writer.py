@@ -99,6 +99,22 @@ def test_from_jsonl_and_tsv(tmp_path):
     assert [s["txt"] for s in read_all(tmp_path / "t")] == [b"tab separated"]
 
 
+def test_blank_captions_are_skipped_as_missing(tmp_path):
+    for name, caption in [("blank", " \n"), ("empty", ""), ("kept", "a caption")]:
+        (tmp_path / f"{name}.png").write_bytes(image_bytes((1, 2, 3), "PNG"))
+        (tmp_path / f"{name}.txt").write_text(caption)
+    folder = write.main(["--from-folder", str(tmp_path), "--out", str(tmp_path / "f")])
+    assert folder.skipped == {"missing_caption": 2} and folder.samples == 1
+    rows = [{"image": f"{name}.png", "caption": c} for name, c in [("kept", "ok"), ("blank", "\t ")]]
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "l.csv").write_text("image,caption\nkept.png,ok\nblank.png,\nempty.png,  \n")
+    for listing, blanks in [("l.jsonl", 1), ("l.csv", 2)]:
+        out = tmp_path / listing.replace(".", "_")
+        summary = write.main(["--from-list", str(tmp_path / listing), "--out", str(out)])
+        assert summary.skipped == {"missing_caption": blanks} and summary.samples == 1
+        assert [s["txt"] for s in read_all(out)] == [b"ok"]
+
+
 def test_list_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "l.csv").write_text("file,caption\na.png,x\n")
     with pytest.raises(SystemExit):
@@ -140,7 +156,8 @@ def test_generic_samples_token_shards(tmp_path):
 
     summary = write.write_shards(token_samples, tmp_path, per_shard=2, prefix="tok")
     assert summary.shards_written == 2 and summary.samples == 3
-    decoded = [TokenDecoder()(raw, np.random.default_rng(0)) for raw in read_all(tmp_path)]
+    decode = TokenDecoder(grid=4, codebook_size=18)
+    decoded = [decode(raw, np.random.default_rng(0)) for raw in read_all(tmp_path)]
     assert [d["caption"] for d in decoded] == ["caption 0", "caption 1", "caption 2"]
     assert decoded[2]["tokens"].tolist() == list(range(2, 18))
     assert decoded[2]["tokens"].dtype.is_floating_point is False

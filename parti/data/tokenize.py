@@ -7,7 +7,8 @@
 Each input shard gives one output shard of the same name holding `KEY.tokens.npy` (int16, or int32
 for codebooks over 32767 entries), `KEY.txt` and the original `KEY.json`. Rank r of a torchrun
 job encodes shards r, r + world, ...; finished output shards are kept, so a rerun only does the
-rest. Bad samples are skipped and counted, as in training.
+rest. Bad samples are skipped and counted, as in training. Input shards must have distinct file
+names (tokenize shards of several folders into one --out folder each).
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def tokenize_shard(url: str, out_path: Path, tokenizer: VitVQGAN, batch_size: in
     return count
 
 
+def output_paths(urls: list[str], out: Path) -> list[Path]:
+    """OUT/<input shard's file name> for each url; ValueError when two inputs share a name: the
+    second would be taken for done (its samples lost), or two ranks would write one file."""
+    paths, seen = [], {}
+    for url in urls:
+        path = out / Path(url.split(":")[-1]).name
+        if path in seen:
+            raise ValueError(
+                f"input shards {seen[path]} and {url} would both be written to {path}: tokenize "
+                "each folder into its own --out folder (or list each shard once)"
+            )
+        seen[path] = url
+        paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> dict[str, int]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="image shards (brace pattern, '::' list)")
@@ -73,16 +90,20 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--out", required=True, help="folder for the token shards")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        urls = expand_urls(args.shards)
+        targets = output_paths(urls, out)
+    except ValueError as exn:
+        parser.error(str(exn))
 
     dist = distributed.init_distributed()
     tokenizer = load_image_tokenizer(args.tokenizer, dist.device)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mine = expand_urls(args.shards)[dist.rank :: dist.world_size]
     start, skipped = time.perf_counter(), Counter()
     written = kept = samples = 0
-    for url in tqdm(mine, desc=f"tokenize rank {dist.rank}", disable=not dist.is_main):
-        target = out / Path(url.split(":")[-1]).name
+    mine = list(zip(urls, targets))[dist.rank :: dist.world_size]
+    for url, target in tqdm(mine, desc=f"tokenize rank {dist.rank}", disable=not dist.is_main):
         if target.exists():
             kept += 1
             continue

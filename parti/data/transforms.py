@@ -23,13 +23,20 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def _caption(raw: dict[str, Any]) -> str:
-    """The stripped utf-8 caption of a raw sample; SkipSample when missing or not utf-8."""
+    """The stripped utf-8 caption of a raw sample; SkipSample when missing or not utf-8.
+
+    A blank caption counts as missing: it would encode to the empty caption that classifier-free
+    guidance trains on, silently raising the caption dropout rate.
+    """
     if "txt" not in raw:
         raise SkipSample("missing_caption")
     try:
-        return raw["txt"].decode("utf-8").strip()
+        caption = raw["txt"].decode("utf-8").strip()
     except UnicodeDecodeError as exn:
         raise SkipSample("bad_caption") from exn
+    if not caption:
+        raise SkipSample("missing_caption")
+    return caption
 
 
 def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
@@ -145,7 +152,18 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 class TokenDecoder:
-    """Decode a token-shard sample: `tokens.npy` (integer array, flattened) + caption."""
+    """Decode a token-shard sample: `tokens.npy` + caption -> tokens (grid * grid,) int64.
+
+    `tokens.npy` must hold integers in [0, codebook_size), shaped (grid * grid,) as
+    `parti.data.tokenize` writes them or (grid, grid); anything else is skipped as corrupt_tokens
+    here rather than stopping training in collate or in the model's value check.
+    """
+
+    def __init__(self, grid: int, codebook_size: int):
+        if grid < 1 or codebook_size < 1:
+            raise ValueError(f"grid and codebook_size must be >= 1, got {grid}, {codebook_size}")
+        self.shapes = ((grid * grid,), (grid, grid))
+        self.codebook_size = codebook_size
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if "tokens.npy" not in raw:
@@ -155,7 +173,9 @@ class TokenDecoder:
             tokens = load_npy(raw["tokens.npy"])
         except ValueError as exn:
             raise SkipSample("corrupt_tokens") from exn
-        if not np.issubdtype(tokens.dtype, np.integer):
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens.shape not in self.shapes:
+            raise SkipSample("corrupt_tokens")
+        if tokens.min() < 0 or tokens.max() >= self.codebook_size:
             raise SkipSample("corrupt_tokens")
         tokens = torch.from_numpy(tokens.astype(np.int64).reshape(-1))  # (N,)
         return {"tokens": tokens, "caption": caption, "key": raw["__key__"]}

@@ -167,9 +167,16 @@ def write_shards(
     return summary
 
 
+def _caption(text: Any) -> str | Skipped:
+    """The stripped caption; a blank or absent one is missing, as training would skip it."""
+    if not isinstance(text, str) or not text.strip():
+        return Skipped("missing_caption")
+    return text.strip()
+
+
 def _read_caption(path: Path) -> str | Skipped:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return _caption(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return Skipped("missing_caption")
     except (OSError, UnicodeDecodeError):
@@ -255,15 +262,13 @@ def list_source(
 
     def samples_from(start: int) -> Iterator[Item]:
         for index, row in itertools.islice(enumerate(_list_rows(path)), start, None):
-            image, caption = row.get(image_col), row.get(caption_col)
+            image, caption = row.get(image_col), _caption(row.get(caption_col))
             if not isinstance(image, str) or not image:
                 yield Skipped("missing_image")
-            elif not isinstance(caption, str):
-                yield Skipped("missing_caption")
             else:
                 extra = {k: v for k, v in row.items() if k not in (image_col, caption_col)}
                 meta = {"source": image, **extra}
-                yield _file_sample(index, path.parent / image, caption.strip(), meta)
+                yield _file_sample(index, path.parent / image, caption, meta)
 
     return samples_from
 

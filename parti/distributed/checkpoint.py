@@ -20,6 +20,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -194,6 +195,22 @@ class Checkpointer:
             self._prune()
         distributed.barrier()
         return final
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Rename this run's complete checkpoints past `step` to `step-N.superseded-<time>`, on
+        rank 0 (collective): a run resumed from an older checkpoint starts a new history, whose
+        saves would otherwise be skipped as done and a later resume=auto would take the abandoned
+        one. Renamed, not deleted: renaming one back returns to it."""
+        later = [p for p in self.complete() if int(STEP_DIR.match(p.name).group(1)) > step]
+        if self.dist.is_main and later:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for path in later:
+                os.replace(path, path.with_name(f"{path.name}.superseded-{stamp}"))
+            log.warning(f"resumed at step {step}: the later checkpoints "
+                        f"{', '.join(p.name for p in later)} in {self.root} are set aside as "
+                        f"<name>.superseded-{stamp} (rename one back to return to it)")
+        distributed.barrier()
+        return later
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:

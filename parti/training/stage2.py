@@ -71,7 +71,7 @@ class PartiTask(Task):
     def _decoder(self, train: bool):
         if self.run.cfg.data.encode_on_the_fly:
             return ImageDecoder(self.run.cfg.data.image_size, train=train)
-        return TokenDecoder()
+        return TokenDecoder(self.model_cfg.image_grid, self.model_cfg.codebook_size)
 
     def _shards(self, train: bool) -> list[str]:
         data = self.run.cfg.data

@@ -402,6 +402,8 @@ class Trainer:
                 self.ema = EMA(self.task.units["model"].module, self.cfg.trainer.ema_decay)
         self.task.load_extra_state(shared["task"])
         self.step = shared["step"]
+        if mode != "auto":  # a named checkpoint older than this run's newest rolls the run back
+            self.checkpointer.set_aside_after(self.step)
         self.bad_total = torch.tensor(float(shared["bad_steps"]), device=self.run.device)
         if own is not None:
             set_rng_state(own["rng"])
