@@ -324,3 +324,37 @@ def test_judge_batch_averages_each_key(samples: list[tuple[Scene, np.ndarray]]) 
     assert scores["background"] == pytest.approx(2 / 3) and scores["all"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         judge_batch([one[1], two[1]], [caption(one[0])])
+
+
+class _Identity(torch.nn.Module):
+    """A stage-1 stand-in whose reconstructions are its inputs: the judge sees the real images."""
+
+    quantizer = type("Quantizer", (), {"codebook_size": 4})()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.images = images
+        return torch.zeros(len(images), 4, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.images
+
+
+def test_reconstruction_judge_scores_do_not_depend_on_the_batch_size(
+    samples: list[tuple[Scene, np.ndarray]],
+) -> None:
+    """Keys that apply to some images only (relation, size, position, background) are averaged
+    over those images, not weighted by the batches they came in."""
+    from parti.eval.tokenizer import reconstruction_sums, summarize
+
+    pairs = samples[:24]
+    images = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1
+                          for _, im in pairs])
+    captions = [caption(scene) for scene, _ in pairs]
+    expected = judge_batch(images, captions)
+    assert 0 < sum(s.relation is not None for s, _ in pairs) < len(pairs)
+    for size in (1, 5, 24):
+        batches = [{"image": images[i:i + size], "caption": captions[i:i + size]}
+                   for i in range(0, len(pairs), size)]
+        metrics = summarize(*reconstruction_sums(_Identity(), batches, None, torch.device("cpu")))
+        judged = {k.removeprefix("judge_"): v for k, v in metrics.items() if k.startswith("judge_")}
+        assert judged == pytest.approx(expected), size

@@ -234,16 +234,27 @@ def judge(image: np.ndarray | torch.Tensor, caption: str) -> dict[str, bool]:
     return verdict
 
 
+def judge_counts(
+    images: Sequence[np.ndarray] | np.ndarray | torch.Tensor, captions: Sequence[str]
+) -> dict[str, float]:
+    """Per judge key, how many images satisfy it (`key`) and how many it applies to (`key_n`):
+    sums, so batches and ranks add theirs before dividing (a key such as "relation" applies to
+    some images only, so a mean of batch means would weigh it wrongly)."""
+    if len(images) != len(captions):
+        raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+    if len(captions) == 0:
+        raise ValueError("judging needs at least one image")
+    counts: dict[str, float] = {}
+    for image, text in zip(images, captions):
+        for key, ok in judge(image, text).items():
+            counts[key] = counts.get(key, 0.0) + float(ok)
+            counts[f"{key}_n"] = counts.get(f"{key}_n", 0.0) + 1.0
+    return counts
+
+
 def judge_batch(
     images: Sequence[np.ndarray] | np.ndarray | torch.Tensor, captions: Sequence[str]
 ) -> dict[str, float]:
     """Mean of each judge key over a batch; a key is averaged over the images it applies to."""
-    if len(images) != len(captions):
-        raise ValueError(f"got {len(images)} images but {len(captions)} captions")
-    if len(captions) == 0:
-        raise ValueError("judge_batch needs at least one image")
-    totals: dict[str, list[bool]] = {}
-    for image, text in zip(images, captions):
-        for key, ok in judge(image, text).items():
-            totals.setdefault(key, []).append(ok)
-    return {key: float(np.mean(oks)) for key, oks in totals.items()}
+    counts = judge_counts(images, captions)
+    return {key: counts[key] / counts[f"{key}_n"] for key in counts if not key.endswith("_n")}

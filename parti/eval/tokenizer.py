@@ -23,7 +23,7 @@ from parti.data.shapes import parse_caption
 from parti.data.shards import expand_urls
 from parti.data.transforms import ImageDecoder
 from parti.eval.metrics import codebook_usage, psnr
-from parti.eval.shapes_judge import judge_batch
+from parti.eval.shapes_judge import judge_counts
 from parti.losses.perceptual import build_perceptual, lpips_distance
 from parti.models.loading import load_image_tokenizer
 from parti.models.vitvqgan import VitVQGAN
@@ -67,16 +67,18 @@ def reconstruction_sums(
             sums["lpips"] = sums.get("lpips", 0.0) + float(lpips_distance(perceptual, images,
                                                                           recon).sum())
         if all(is_shapes_caption(c) for c in batch["caption"]):
-            for key, value in judge_batch(recon.cpu(), batch["caption"]).items():
-                sums[f"judge_{key}"] = sums.get(f"judge_{key}", 0.0) + value * n
+            for key, value in judge_counts(recon.cpu(), batch["caption"]).items():
+                sums[f"judge_{key}"] = sums.get(f"judge_{key}", 0.0) + value
     model.train(was_training)
     return sums, counts
 
 
 def summarize(sums: dict[str, float], counts: Tensor) -> dict[str, float]:
-    """Means of the sums, plus codebook usage and perplexity."""
+    """Means of the sums (a judge key over the images it applies to, its `_n`), plus codebook
+    usage and perplexity."""
     n = max(sums["count"], 1.0)
-    metrics = {key: value / n for key, value in sums.items() if key != "count"}
+    metrics = {key: value / sums.get(f"{key}_n", n) for key, value in sums.items()
+               if key != "count" and not key.endswith("_n")}
     metrics["codebook_usage"], metrics["codebook_perplexity"] = codebook_usage(counts)
     return metrics
 
