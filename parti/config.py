@@ -7,6 +7,7 @@ impossible values with a message that names the key, before any work is done.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -14,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from parti.config_errors import check_config
+from parti.distributed.checkpoint import MARKER
 from parti.distributed.parallel import STRATEGIES
 from parti.losses import vqgan as vqgan_loss
 from parti.losses.vqgan import VQGANLossConfig
@@ -222,7 +224,16 @@ def validate_data(cfg: DataConfig | Any, stage: int) -> None:
 
 
 def _check_resume(resume: str) -> None:
+    """auto, never, or a complete checkpoint folder, checked before any model is built."""
     check_config(bool(resume), "resume", f"must be one of {RESUME_MODES} or a checkpoint path")
+    if resume in RESUME_MODES:
+        return
+    path = Path(resume)
+    hint = (f"; to continue the run in {path}, pass run_dir={path} resume=auto"
+            if (path / "checkpoints").is_dir() else "")
+    check_config((path / MARKER).is_file(), "resume",
+                 f"{resume!r} is neither {' nor '.join(RESUME_MODES)} nor a complete checkpoint "
+                 f"folder (<run_dir>/checkpoints/step-N holding {MARKER}){hint}")
 
 
 def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> None:

@@ -142,6 +142,20 @@ def test_stage2_on_token_shards_needs_no_image_shards():
     assert to_container(cfg)["data"]["train_shards"] == ""
 
 
+def test_a_resume_value_that_is_no_checkpoint_is_rejected_before_any_work(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step-0000002").mkdir(parents=True)
+    for value, message in [
+        ("none", "'none' is neither auto nor never nor a complete checkpoint folder"),
+        (tmp_path / "run", "pass run_dir=.* resume=auto"),
+        (tmp_path / "run" / "checkpoints" / "step-0000002", "holding COMPLETE"),
+    ]:
+        cfg = compose_config("train_vqgan", [f"resume={value}"])
+        with pytest.raises(ValueError, match=f"config error: resume: .*{message}"):
+            validate_vqgan(cfg)
+    (tmp_path / "run" / "checkpoints" / "step-0000002" / "COMPLETE").write_text("{}")
+    validate_vqgan(compose_config("train_vqgan", [f"resume={tmp_path}/run/checkpoints/step-0000002"]))
+
+
 def test_global_batch_accounts_for_world_size():
     cfg = compose_config("train_vqgan", ["trainer.global_batch=32", "trainer.micro_batch=8"])
     validate_vqgan(cfg, world_size=4)

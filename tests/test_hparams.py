@@ -67,3 +67,20 @@ def test_sample_grids_carry_their_prompts(tmp_path):
     label, cells = pixels[:, :LABEL_WIDTH], pixels[:, LABEL_WIDTH:]
     assert (label[:26] < 128).any() and (label[26:] < 128).any()  # each row's prompt is written
     assert cells[:16, :16].min() == 255 and cells[26:42, :16].max() == 0  # beside its images
+
+
+def test_a_resumed_run_replaces_the_steps_logged_after_its_checkpoint(tmp_path):
+    """Steps 3-4 logged, the run killed and resumed from its step-2 checkpoint: TensorBoard shows
+    each step once, with the resumed run's values."""
+    first = RunLogger(tmp_path, enabled=True, total_steps=4, start_step=0, progress=False)
+    for step in range(1, 5):
+        first.scalars({"loss": float(step)}, step)
+    first.close()
+    resumed = RunLogger(tmp_path, enabled=True, total_steps=4, start_step=2, progress=False)
+    for step in (3, 4):
+        resumed.scalars({"loss": 10.0 * step}, step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

@@ -148,6 +148,18 @@ def test_non_finite_discriminator_steps_are_counted_and_logged(shapes_dir, tmp_p
     assert "disc/nonfinite_steps=2" in log and "disc/nonfinite_steps=4" in log
 
 
+@pytest.mark.parametrize("image_every,drawn", [(0, []), (2, [2, 3])])
+def test_image_grids_follow_image_every_and_close_the_run(shapes_dir, tmp_path, image_every,
+                                                          drawn):
+    """Every image_every steps and at the end; image_every=0 draws none, not even at the end."""
+    trainer, task = build(shapes_dir, tmp_path, steps=3,
+                          extra=["loss.disc_start=1000", f"trainer.image_every={image_every}"])
+    steps = []
+    task.log_images = lambda model, logger, step: steps.append(step)
+    trainer.fit()
+    assert steps == drawn
+
+
 def test_keep_last_prunes_to_exactly_the_newest(shapes_dir, tmp_path):
     trainer, _ = build(shapes_dir, tmp_path, steps=5,
                        extra=["loss.disc_start=1000", "trainer.ckpt_every=1", "trainer.keep_last=2"])

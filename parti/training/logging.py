@@ -41,7 +41,10 @@ class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
                  progress: bool):
         self.enabled = enabled
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb")) if enabled else None
+        # A resumed run logs the steps after its checkpoint again: TensorBoard drops the earlier
+        # events from start_step + 1 on (those of the interrupted or rolled-back history).
+        purge = start_step + 1 if start_step > 0 else None
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge) if enabled else None
         self.bar = None
         if enabled:
             handler = logging.FileHandler(Path(run_dir) / "train.log")

@@ -512,7 +512,8 @@ class Trainer:
             path = self.save(loader)
             logger.info(f"saved {path} ({self.step - resumed_from} steps this session)")
             final = self._evaluate(logger)
-            self._log_images(logger)
+            if t.image_every:
+                self._log_images(logger)
             if run.dist.is_main:
                 record = {"step": self.step, **final}
                 (run.run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
