@@ -288,6 +288,31 @@ def test_export_round_trip(tmp_path):
         load_export(tmp_path)
 
 
+def test_a_new_export_replaces_the_old_one_whole(tmp_path):
+    export_weights(tmp_path / "export", {"w": torch.zeros(2)}, {"kind": "test"})
+    export_weights(tmp_path / "export", {"w": torch.ones(3)}, {"kind": "test", "v": 2})
+    weights_, config = load_export(tmp_path / "export")
+    assert torch.equal(weights_["w"], torch.ones(3)) and config == {"kind": "test", "v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_checkpoint_files_reach_the_disk_before_the_marker(shapes_dir, tmp_path, monkeypatch):
+    """Every file of a checkpoint is fsynced before COMPLETE is written, and the renamed folder's
+    entry after: a crash cannot leave a marker in front of unflushed files."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    trainer, _ = build(shapes_dir, tmp_path, steps=1, extra=["loss.disc_start=1000"])
+    trainer.fit()
+    marker = next(i for i, p in enumerate(synced) if p.endswith("/COMPLETE"))
+    written = {p.name for p in (tmp_path / "checkpoints" / "step-0000001").rglob("*")
+               if p.is_file() and p.name != "COMPLETE"}
+    assert {"state.pt", "rank-000.pt", ".metadata"} <= written
+    assert written <= {os.path.basename(p) for p in synced[:marker]}
+    assert str(tmp_path / "checkpoints") in synced[marker + 1:]
+
+
 def test_a_checkpoint_folder_loads_its_ema_weights(shapes_dir, tmp_path):
     trainer, task = build(shapes_dir, tmp_path, steps=2, extra=["trainer.ema_decay=0.5"])
     trainer.fit()

@@ -184,6 +184,7 @@ class Checkpointer:
         torch.save(per_rank, tmp / f"rank-{self.dist.rank:03d}.pt")
         if self.dist.is_main:
             torch.save(shared, tmp / "state.pt")
+        _fsync_files(tmp)  # on disk before the marker says so, on every rank (node)
         distributed.barrier()
         if self.dist.is_main:
             marker = {"step": step, "world_size": self.dist.world_size}
@@ -192,6 +193,7 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+            _fsync_dir(self.root)
             self._prune()
         distributed.barrier()
         return final
@@ -232,8 +234,29 @@ class Checkpointer:
         return load_file_safely(path / f"rank-{self.dist.rank:03d}.pt")
 
 
+def _fsync_files(folder: Path) -> None:
+    """Flush every file under `folder` to disk (a crash after a rename must not leave a marker
+    in front of empty files)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def export_weights(out_dir: Path, state_dict: dict, config: dict) -> Path:
-    """Write inference weights (safetensors) and the model config, atomically."""
+    """Write inference weights (safetensors) and the model config into a temporary folder, flush
+    it, then swap it in: an existing export is renamed aside before and deleted after, so a
+    crash leaves the old export, the new one, or both (`.old-<name>` beside a complete
+    `.tmp-<name>`), never a half-written one."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -242,9 +265,14 @@ def export_weights(out_dir: Path, state_dict: dict, config: dict) -> Path:
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     OmegaConf.save(OmegaConf.create(config), tmp / "config.yaml")
+    _fsync_files(tmp)
+    old = out_dir.with_name(f".old-{out_dir.name}")
+    shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
