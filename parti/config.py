@@ -6,6 +6,7 @@ impossible values with a message that names the key, before any work is done.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,11 @@ class OptimConfig:
     lr: float = MISSING                   # set to ${lr} in conf/optim/*.yaml
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
-    weight_decay: float = 0.0             # decoupled; matrices and embeddings only
+    weight_decay: float = 0.0             # matrices and embeddings only; AdamW, Adafactor: decoupled,
+                                          # Adam, SGD: L2 added to the gradient
     schedule: str = "cosine"              # constant | cosine | parti
     warmup_steps: int = 0
-    final_lr_ratio: float = 0.1           # lr at the last step / peak lr (cosine, parti)
+    final_lr_ratio: float = 0.1           # lr at the end (step trainer.steps) / peak lr (cosine, parti)
     decay_start: int = 0                  # parti schedule: exponential decay starts here
 
 
@@ -236,6 +238,17 @@ def _check_resume(resume: str) -> None:
                  f"folder (<run_dir>/checkpoints/step-N holding {MARKER}){hint}")
 
 
+def warn_schedule(optim: OptimConfig | DictConfig, steps: int) -> None:
+    """Warn when the schedule's phases do not fit into the run: legal (a run may be continued
+    with more steps), but most often a preset meant for a longer run."""
+    if optim.warmup_steps >= steps:
+        warnings.warn(f"optim.warmup_steps={optim.warmup_steps} >= trainer.steps={steps}: the "
+                      "whole run is warm-up (the lr never reaches its peak)", stacklevel=2)
+    elif optim.schedule == "parti" and optim.decay_start >= steps:
+        warnings.warn(f"optim.decay_start={optim.decay_start} >= trainer.steps={steps}: the "
+                      "parti schedule never decays in this run", stacklevel=2)
+
+
 def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> None:
     """Every check for a stage-1 run."""
     vitvqgan.validate(cfg.model)
@@ -243,6 +256,7 @@ def validate_vqgan(cfg: VQGANTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_data(cfg.data, stage=1)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
+    warn_schedule(cfg.optim, cfg.trainer.steps)
     check_config(cfg.trainer.strategy == "ddp", "trainer.strategy",
                  "stage 1 trains with ddp: the largest ViT-VQGAN fits on one GPU, and dead-code "
                  "restarts write whole codebook rows, which FSDP shards (fsdp is for stage 2)")
@@ -257,6 +271,7 @@ def validate_parti(cfg: PartiTrainConfig | DictConfig, world_size: int = 1) -> N
     validate_data(cfg.data, stage=2)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer, world_size)
+    warn_schedule(cfg.optim, cfg.trainer.steps)
     check_config(bool(cfg.tokenizer.ckpt), "tokenizer.ckpt",
                  "is empty: train a tokenizer with python train_vqgan.py and pass "
                  "tokenizer.ckpt=<run>/export (or a checkpoint folder)")

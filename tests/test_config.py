@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,8 +138,11 @@ def test_stage2_on_token_shards_needs_no_image_shards():
     cfg = compose_config("train_parti", [
         "model=parti_350m", "data=wds", "optim=adafactor", "tokenizer.ckpt=/runs/vqgan/export",
         "data.token_train_shards='/data/tokens/{00000..01022}.tar'",
-        "data.token_eval_shards=/data/tokens/01023.tar", "data.text_tokenizer=/data/text.model"])
-    validate_parti(cfg)
+        "data.token_eval_shards=/data/tokens/01023.tar", "data.text_tokenizer=/data/text.model",
+        "trainer.steps=450000"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_parti(cfg)
     assert to_container(cfg)["data"]["train_shards"] == ""
 
 
@@ -154,6 +158,16 @@ def test_a_resume_value_that_is_no_checkpoint_is_rejected_before_any_work(tmp_pa
             validate_vqgan(cfg)
     (tmp_path / "run" / "checkpoints" / "step-0000002" / "COMPLETE").write_text("{}")
     validate_vqgan(compose_config("train_vqgan", [f"resume={tmp_path}/run/checkpoints/step-0000002"]))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim=adafactor"], "optim.warmup_steps=5000 >= trainer.steps=5000: the whole run is warm-up"),
+    (["optim=adafactor", "trainer.steps=50000"], "optim.decay_start=85000 >= trainer.steps=50000"),
+])
+def test_a_schedule_longer_than_the_run_is_warned_about(overrides, message):
+    cfg = compose_config("train_parti", overrides)
+    with pytest.warns(UserWarning, match=message):
+        validate_parti(cfg)
 
 
 def test_global_batch_accounts_for_world_size():

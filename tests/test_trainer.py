@@ -12,6 +12,7 @@ import torch
 
 from parti.config import validate_vqgan
 from parti.distributed.checkpoint import Checkpointer, export_weights, load_export, read_tensors
+from parti.training import trainer as trainer_module
 from parti.training.stage1 import VQGANTask
 from parti.training.trainer import Trainer, start_run
 from tests.conftest import compose_config, record_losses, tiny_vqgan_overrides
@@ -193,6 +194,42 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(shapes_dir, tmp_
     again, _ = build(shapes_dir, tmp_path, steps=4, extra=extra)
     assert again.resume() == root / "step-0000004" and again.step == 4
     assert all((root / p / "COMPLETE").is_file() for p in aside)
+
+
+def test_optimizer_settings_at_a_resume_come_from_the_config(shapes_dir, tmp_path, monkeypatch):
+    """The usual fix after a blow-up: resume with a lower lr. Moments and the schedule's position
+    come from the checkpoint, lr / betas / weight decay from the config (a warning names them)."""
+    warnings_ = []
+    monkeypatch.setattr(trainer_module.log, "warning", warnings_.append)
+    extra = ["loss.disc_start=1000", "optim.schedule=constant", "optim.weight_decay=0.01"]
+    build(shapes_dir, tmp_path, steps=2, extra=extra)[0].fit()
+    same, task = build(shapes_dir, tmp_path, steps=4, extra=extra)
+    same.resume()
+    assert warnings_ == []
+    assert [g["lr"] for g in task.units["model"].optimizer.param_groups] == [1e-3, 1e-3]
+    lower, task = build(shapes_dir, tmp_path, steps=4,
+                        extra=[*extra, "lr=1e-4", "optim.weight_decay=0.1", "optim.betas=[0.5,0.9]"])
+    lower.resume()
+    assert warnings_[0] == ("model optimizer: from the config, not the checkpoint: betas "
+                            "(0.9, 0.99) -> (0.5, 0.9), lr 0.001 -> 0.0001, weight_decay 0.01 -> 0.1")
+    unit = task.units["model"]
+    assert [g["lr"] for g in unit.optimizer.param_groups] == [1e-4, 1e-4]
+    assert unit.scheduler.get_last_lr() == [1e-4, 1e-4] and unit.scheduler.last_epoch == 2
+    assert [g["weight_decay"] for g in unit.optimizer.param_groups] == [0.1, 0.0]
+    assert unit.optimizer.state  # the moments were restored
+    lower.fit()
+
+
+def test_a_resume_with_other_loader_settings_restarts_the_data_stream(shapes_dir, tmp_path):
+    build(shapes_dir, tmp_path, steps=2, extra=["loss.disc_start=1000"])[0].fit()
+    resumed, _ = build(shapes_dir, tmp_path, steps=3,
+                       extra=["loss.disc_start=1000", "data.shuffle_buffer=16"])
+    assert resumed.resume() is not None and resumed.loader_state is not None
+    resumed.fit()
+    assert resumed.step == 3
+    log = (tmp_path / "train.log").read_text()
+    assert ("the saved data position was taken with other loader settings (shuffle_buffer: saved "
+            "32 now 16): the data stream starts afresh") in log
 
 
 def test_a_checkpoint_of_the_other_stage_is_refused(shapes_dir, token_dir, tiny_tokenizer,

@@ -111,6 +111,11 @@ def _block_stream(
         emitted += 1
 
 
+class DataStateMismatch(ValueError):
+    """A saved data position whose loader settings differ from this loader's: it cannot be
+    continued exactly (the caller may start the stream afresh instead)."""
+
+
 def _fresh_worker_state() -> dict[str, Any]:
     return {"block": 0, "offset": 0, "skipped": {}, "consecutive": 0}
 
@@ -242,10 +247,8 @@ class TrainLoader:
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: saved {old} now {new}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"data state does not match this loader ({detail}); exact resume needs the same "
-                "settings, or start the data stream fresh without the state"
-            )
+            raise DataStateMismatch(f"the saved data position was taken with other loader "
+                                    f"settings ({detail})")
         self._stream.batches = int(state["batches"])
         self._stream.worker_states = copy.deepcopy(state["workers"])
 

@@ -34,7 +34,8 @@ def multi_tensor_kernels(params: list[torch.Tensor]) -> dict[str, bool]:
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """Adam, AdamW (decoupled decay), Adafactor or SGD over `model`'s trainable parameters.
+    """Adam, AdamW, Adafactor or SGD over `model`'s trainable parameters. AdamW and Adafactor
+    decay the weights directly (decoupled); Adam and SGD add the decay to the gradient (L2).
 
     torch's Adafactor keeps no first moment and uses its own beta2 schedule, so `optim.betas` does
     not apply to it (the `eps` value is its relative step floor, eps2). SGD takes its momentum
@@ -58,8 +59,9 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 def lr_factor(cfg, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at each step: linear warm-up, then the configured decay.
 
-    constant: 1 after warm-up. cosine: from 1 down to final_lr_ratio at the last step.
-    parti: 1 until decay_start, then exponential decay reaching final_lr_ratio at the last step.
+    constant: 1 after warm-up. cosine: from 1 down to final_lr_ratio at step total_steps (the
+    end of the run: its last update, at step total_steps - 1, is one step short of it).
+    parti: 1 until decay_start, then exponential decay reaching final_lr_ratio at total_steps.
     """
     warmup, final = cfg.warmup_steps, cfg.final_lr_ratio
 

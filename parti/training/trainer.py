@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from parti import distributed
 from parti.config import to_container
+from parti.data.pipeline import DataStateMismatch
 from parti.distributed import Dist
 from parti.distributed.checkpoint import (
     Checkpointer,
@@ -45,7 +46,7 @@ from parti.distributed.checkpoint import (
 from parti.distributed.parallel import full_tensor, full_tensors, gather_to_cpu, parallelize
 from parti.models.layers import TransformerBlock
 from parti.training.ema import EMA
-from parti.training.logging import RunLogger
+from parti.training.logging import RunLogger, log
 from parti.training.optim import build_optimizer, build_scheduler
 from parti.training.perf import RateMeter, peak_flops
 from parti.training.precision import (
@@ -229,13 +230,37 @@ class OptimizerUnit:
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "param_groups": groups}
 
-    def load_state(self, tensors: dict, shared: dict) -> None:
-        """Restore from `tensor_state()` (filled from a checkpoint) and `shared_state()`."""
+    def load_state(self, tensors: dict, shared: dict) -> dict[str, tuple]:
+        """Restore from `tensor_state()` (filled from a checkpoint) and `shared_state()`.
+
+        The optimizer's moments and the schedule's position come from the checkpoint, its
+        hyperparameters (lr, betas, eps, weight decay, ...) from this run's config, as the
+        schedule's shape already does: resuming with a lower lr lowers it. Returns the settings
+        that changed, {key: (checkpoint's, config's)}."""
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                      for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         set_model_state_dict(self.module, tensors["model"])
         set_optimizer_state_dict(self.module, self.optimizer, {
             "state": tensors["optimizer"], "param_groups": shared["param_groups"]})
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
+        changed = {}
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            for key, value in settings.items():
+                if group.get(key) != value:
+                    if key != "initial_lr":  # the schedule's base lr, reported as lr below
+                        changed[key] = (group.get(key), value)
+                    group[key] = value
+        if self.scheduler.base_lrs != base_lrs:
+            changed["lr"] = (self.scheduler.base_lrs[0], base_lrs[0])
+        self.scheduler.base_lrs = base_lrs
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)  # what LambdaLR computes at this step
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        return changed
 
     def replica(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A plain (unsharded) copy of the module holding `state`, a possibly sharded state dict
@@ -394,7 +419,10 @@ class Trainer:
         tensors = self._tensor_state(with_ema=shared["has_ema"] and self.ema is not None)
         own = self.checkpointer.load(path, tensors)
         for name, unit in self.task.units.items():
-            unit.load_state(tensors["units"][name], shared["units"][name])
+            changed = unit.load_state(tensors["units"][name], shared["units"][name])
+            if changed and self.run.dist.is_main:
+                log.warning(f"{name} optimizer: from the config, not the checkpoint: " + ", ".join(
+                    f"{key} {old} -> {new}" for key, (old, new) in sorted(changed.items())))
         if self.ema is not None:
             if shared["has_ema"]:
                 self.ema.load_state_dict(tensors["ema"])
@@ -473,7 +501,12 @@ class Trainer:
             # own dropout masks and text dropout (a resumed run restores these RNG states instead).
             torch.manual_seed(rank_seed(t.seed, run.dist.rank, 0))
             logger.text("config", f"```\n{OmegaConf.to_yaml(self.cfg, resolve=True)}\n```", 0)
-        loader = self.task.train_loader(self.loader_state)
+        try:
+            loader = self.task.train_loader(self.loader_state)
+        except DataStateMismatch as exn:  # the same on every rank: the settings are the run's
+            logger.info(f"warning: {exn}: the data stream starts afresh; weights, optimizer, "
+                        "schedule and step are restored")
+            loader = self.task.train_loader(None)
         batches = iter(loader)
         tokens_per_sample, flops_per_sample = self.task.samples_per_batch_flops()
         peak = peak_flops(run.device, t.peak_flops) if flops_per_sample else 0.0
