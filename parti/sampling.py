@@ -37,7 +37,7 @@ class SamplingConfig:
 
     guidance: float = 1.0  # classifier-free guidance scale (1 = conditional only, 0 = unconditional)
     temperature: float = 1.0  # logits are divided by this (> 0)
-    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_k: int = 0  # keep the k most likely tokens and any tied with the k-th (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
     candidates: int = 1  # draw this many images per sample and keep the best-scoring one
     compile: bool = False  # torch.compile each step: faster; one compile a batch size and setting
