@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> float:
     metrics = trainer.fit()
     if metrics:
         trainer.export(run.run_dir / "export")
+    del trainer, task  # freed while the process group exists (see distributed.shutdown)
     distributed.shutdown()
     return metrics.get("eval/loss_true_caption", float("nan"))
 

@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> float:
     metrics = trainer.fit()
     if metrics:
         trainer.export(run.run_dir / "export")
+    del trainer, task  # freed while the process group exists (see distributed.shutdown)
     distributed.shutdown()
     return metrics.get("eval/psnr", float("nan"))
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parti import distributed
 from parti.config import validate_parti, validate_vqgan
 from parti.distributed.parallel import full_tensors
 from parti.training.stage1 import VQGANTask
@@ -111,7 +112,7 @@ def _rank_main(rank: int, world: int, init_file: str, fn, args: tuple, out: str)
         torch.save(fn(rank, *args), f"{out}.{rank}")
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def spawn(tmp_path: Path, fn, *args, world: int = 2) -> list:

@@ -11,6 +11,7 @@ the allocation is the rendezvous host.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import Mapping
@@ -78,7 +79,10 @@ def init_distributed() -> Dist:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group (if any), after collecting unreachable objects: ones in reference
+    cycles that hold the group or its pending work (FSDP's device mesh, for one) would otherwise
+    be freed at interpreter exit, after the group is gone, where gloo can abort the process."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
