@@ -3,8 +3,8 @@
     python train_parti.py                                   # parti_tiny on the shapes token shards
     torchrun --nproc_per_node 2 train_parti.py              # DDP on this CPU (gloo)
     torchrun --nproc_per_node 8 train_parti.py model=parti_350m data=wds optim=adafactor \
-        data.token_train_shards='/data/tokens/{00000..01023}.tar' data.text_tokenizer=/data/text.model \
-        tokenizer.ckpt=outputs/vqgan/<run>/export trainer.steps=450000
+        data.token_train_shards='/data/tokens/{00000..01022}.tar' data.token_eval_shards=/data/tokens/01023.tar \
+        data.text_tokenizer=/data/text.model tokenizer.ckpt=outputs/vqgan/<run>/export trainer.steps=450000
     python train_parti.py data.encode_on_the_fly=true       # encode image shards with the tokenizer
 
 Reads top to bottom: setup, first-run data, build, resume, loop, export.
