@@ -38,7 +38,7 @@ def record_losses(task, key: str) -> list[float]:
 
     def recording(micro_batches, index):
         out = step(micro_batches, index)
-        losses.append(out[key])
+        losses.append(float(out[key]))
         return out
 
     task.train_step = recording

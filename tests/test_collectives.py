@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -37,3 +38,14 @@ def test_skip_counts_reduce_together_when_ranks_skipped_different_things(tmp_pat
     expected = ({"data/skipped_corrupt_image": 2.0, "data/skipped_missing_caption": 1.0},
                 {"data/skipped_bad_shard": 1.0}, 3.0)
     assert outcome[0] == outcome[1] == expected
+
+
+def test_a_local_rank_without_a_gpu_is_named(monkeypatch):
+    # torchrun --nproc_per_node 2 on a node with one visible GPU: rank 1 must not start training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 1 has no GPU: 1 visible .*CUDA_VISIBLE_DEVICES="):
+        distributed.init_distributed()

@@ -31,7 +31,7 @@ def text(lengths=(5, 3, 7, 4), seed=1):
 def greedy(model, ids, mask, empty_ids=None, empty_mask=None, guidance=1.0):
     """Reference: argmax decoding with full teacher-forced passes (no cache)."""
     batch, n = len(ids), model.num_image_tokens
-    tokens = torch.zeros(batch, n, dtype=torch.long)
+    tokens = torch.zeros(batch, n, dtype=torch.long, device=ids.device)
     for position in range(n):
         logits = model(ids, mask, tokens)[:, position]
         if guidance != 1.0:

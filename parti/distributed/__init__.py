@@ -69,6 +69,11 @@ def init_distributed() -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible on this "
+                "node. Start at most that many processes per node (torchrun --nproc_per_node), or "
+                "hide the GPUs (CUDA_VISIBLE_DEVICES=) to run every process on the CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
