@@ -16,11 +16,13 @@ $(VENV_STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(VENV_STAMP)
 
-test: install  ## the whole test suite (slow tests included)
-	$(PY) -m pytest -q
+TEST_WORKERS ?= 2
+
+test: install  ## the whole test suite (slow tests included), TEST_WORKERS=2 processes
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 test-fast: install  ## the test suite without the slow tests
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1 -m "not slow"
 
 SHAPES := data/shapes
 SEED ?= 0

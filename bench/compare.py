@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -200,12 +201,22 @@ def whole_loop(plan: Plan, tmp: Path) -> list[Row]:
 
 
 def run(plan: Plan) -> tuple[list[Row], dict]:
-    """Every row of the table, and what the run was measured on."""
+    """Every row of the table, and what the run was measured on. Each section's rows and time go
+    to stderr as soon as it ends, so a run cut short (a slow machine) still shows what it measured."""
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     matmul = measured_matmul_flops(torch.device("cpu"), seconds=1.0)
-    rows = stage2_training(plan, matmul) + sampling(plan) + stage1_training(plan)
+    print(f"[bench] fp32 matmul rate {matmul / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows += whole_loop(plan, Path(tmp))
+        sections = {"stage-2 training": lambda: stage2_training(plan, matmul),
+                    "sampling": lambda: sampling(plan), "stage-1 training": lambda: stage1_training(plan),
+                    "whole loop": lambda: whole_loop(plan, Path(tmp))}
+        for name, measure in sections.items():
+            began = time.perf_counter()
+            new = measure()
+            rows += new
+            print(f"[bench] {name}: {time.perf_counter() - began:.0f} s\n{markdown(new)}",
+                  file=sys.stderr, flush=True)
     info = {"matmul_gflops": matmul / 1e9, "seconds": time.perf_counter() - start,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": _cpu_name(), "load": (load_start, os.getloadavg()[0])}

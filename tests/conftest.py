@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -14,6 +16,19 @@ from parti.text.train import train_tokenizer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one compute thread each (and in the processes a test
+    # starts), not two apiece contending for the same cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: `make test`'s workers (pytest-xdist, `--dist load --maxschedchunk 1`)
+    take tests one by one in this order, so the longest never start last and leave the other
+    workers idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 TINY_DATA_SIZE = 32
 

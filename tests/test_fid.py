@@ -16,7 +16,7 @@ import torch
 from torch_fidelity import feature_extractor_inceptionv3 as inceptionv3
 
 from parti.data.shapes import generate
-from parti.eval.fid import fid, random_inception_weights
+from parti.eval.fid import fid, fid_against, random_inception_weights
 
 N = 16  # images per set, fed in two batches of 8: ~3 s a score on 2 busy CPU cores
 
@@ -60,3 +60,11 @@ def test_missing_weights_name_the_config_key(path):
     with pytest.raises(FileNotFoundError, match=r"eval\.fid_weights") as info:
         fid(images, images, path)
     assert "Nothing is downloaded" in str(info.value)
+
+
+def test_one_real_set_scores_many_fake_sets_as_separate_calls_do(weights):
+    real, other = shapes(N, seed=0), shapes(N, seed=1)
+    score = fid_against(real, weights, batch_size=8, feature=64)
+    fakes = [other, (other + 0.5).clamp(-1, 1), real]
+    assert [score(f) for f in fakes] == pytest.approx(
+        [fid(real, f, weights, batch_size=8, feature=64) for f in fakes], rel=1e-6, abs=1e-6)

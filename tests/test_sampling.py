@@ -199,55 +199,38 @@ def test_batching_prompts_changes_no_image():
     assert not torch.equal(whole.tokens[0], whole.tokens[3])  # sample 1 of a prompt differs
 
 
+def eager_and_compiled(model, rows, guidance=3.0, mode="default", **settings):
+    """The tokens of the compiled and the eager sampler for the first `rows` prompts, checking
+    that the compiled call made one new graph (and did not fall back to eager)."""
+    ids, mask, empty_ids, empty_mask = text()
+    graphs = torch._dynamo.utils.counters["stats"]
+    seeds = [row_seed(3, i) for i in range(rows)]
+    args = (model, ids[:rows], mask[:rows], empty_ids, empty_mask, seeds)
+    settings = {"top_k": 8, **settings}
+    eager, compiled = (SamplingConfig(guidance=guidance, compile=c, compile_mode=mode, **settings)
+                       for c in (False, True))
+    before = graphs["unique_graphs"]
+    tokens = sample_tokens(*args, compiled), sample_tokens(*args, eager)
+    assert graphs["unique_graphs"] == before + 1
+    return tokens
+
+
 @pytest.mark.slow
-def test_compiled_sampling_draws_the_eager_samples(monkeypatch):
+def test_compiled_sampling_draws_the_eager_samples():
     """compile=True draws exactly the eager sampler's tokens (float32, CPU), each case a trace of
-    its own: guided for two batch sizes in a row, unguided, with temperature and nucleus,
-    multi-query, in max-autotune mode (weights frozen into the trace, 3 steps a call) also after
-    the weights change in place (retraced; with the version check disabled the frozen trace is
-    reused and the samples go stale), at a grid of 9 tokens (8 after the first: one step a
-    call), and past torch's recompile limit (the call then runs eager). Decoder and draw, 3 steps
-    of them, compile as one graph."""
+    its own: guided for two batch sizes in a row, unguided with temperature and nucleus,
+    multi-query, and past torch's recompile limit (the call then runs eager). Decoder and draw,
+    3 steps of them, compile as one graph."""
     model = tiny_model().eval()
     ids, mask, empty_ids, empty_mask = text()
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]
-
-    def both(rows, guidance=3.0, model=model, mode="default", **settings):
-        seeds = [row_seed(3, i) for i in range(rows)]
-        args = (model, ids[:rows], mask[:rows], empty_ids, empty_mask, seeds)
-        settings = {"top_k": 8, **settings}
-        eager, compiled = (SamplingConfig(guidance=guidance, compile=c, compile_mode=mode,
-                                          **settings) for c in (False, True))
-        before = graphs["unique_graphs"]
-        tokens = sample_tokens(*args, compiled), sample_tokens(*args, eager)
-        assert graphs["unique_graphs"] == before + 1  # compiled (not an eager fallback)
-        return tokens
-
-    def flip_head():  # in place, as a training step would
-        with torch.no_grad():
-            model.head.weight.mul_(-1.0)
-
     with torch._dynamo.config.patch(recompile_limit=64):
         for rows in (4, 2):
-            assert torch.equal(*both(rows))
-        assert torch.equal(*both(2, guidance=1.0))
-        assert torch.equal(*both(2, top_k=0, top_p=0.8, temperature=0.7))
-        assert torch.equal(*both(2, model=tiny_model(kv_heads=1).eval()))
-        assert torch.equal(*both(2, mode="max-autotune"))
-        flip_head()
-        assert torch.equal(*both(2, mode="max-autotune"))
-        assert torch.equal(*both(2, model=tiny_model(image_grid=3).eval(), mode="max-autotune"))
-        monkeypatch.setattr(sampling, "_weights_version", lambda model: 0)
-        assert torch.equal(*both(1, mode="max-autotune"))
-        flip_head()
-        seeds = [row_seed(3, 0)]
-        stale = sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, seeds,
-                              SamplingConfig(guidance=3.0, top_k=8, compile=True,
-                                             compile_mode="max-autotune"))
-        fresh = sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, seeds,
-                              SamplingConfig(guidance=3.0, top_k=8))
-        assert not torch.equal(stale, fresh)
+            assert torch.equal(*eager_and_compiled(model, rows))
+        assert torch.equal(*eager_and_compiled(model, 2, guidance=1.0, top_k=0, top_p=0.8,
+                                               temperature=0.7))
+        assert torch.equal(*eager_and_compiled(tiny_model(kv_heads=1).eval(), 2))
     with torch._dynamo.config.patch(recompile_limit=1):
         before = graphs["unique_graphs"]
         assert torch.equal(*(sample_tokens(model, ids[:3], mask[:3], empty_ids, empty_mask,
@@ -264,6 +247,51 @@ def test_compiled_sampling_draws_the_eager_samples(monkeypatch):
             model, ids[:, :1] % 8, torch.tensor(1), cache, torch.rand(4, out.shape[1]), out,
             SamplingConfig(guidance=1.0, top_k=8, top_p=0.9), 5, 3)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def flip_head(model) -> None:
+    """Change a weight in place, as a training step would."""
+    with torch.no_grad():
+        model.head.weight.mul_(-1.0)
+
+
+@pytest.mark.slow
+def test_max_autotune_sampling_draws_the_eager_samples_after_a_weight_changes():
+    """In max-autotune mode (weights frozen into the trace, 3 steps a call) compiled sampling
+    draws the eager tokens, also after a weight changes in place (the trace is keyed on the
+    weights' versions: retraced, never reused stale)."""
+    model = tiny_model().eval()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        assert torch.equal(*eager_and_compiled(model, 2, mode="max-autotune"))
+        flip_head(model)
+        assert torch.equal(*eager_and_compiled(model, 2, mode="max-autotune"))
+
+
+@pytest.mark.slow
+def test_max_autotune_at_one_step_a_call_and_without_the_version_check(monkeypatch):
+    """max-autotune at a grid of 9 tokens (8 after the first: one step a call) draws the eager
+    tokens; with the weights' version check disabled the frozen trace is reused after a weight
+    changes and its samples go stale (what the check prevents). What is tested here is the
+    sampler's (freezing, steps a call, the version key), so the matmuls keep aten's kernels: the
+    C++ GEMM templates, autotuned in the test above, would add ~1 min of compiling a trace."""
+    model = tiny_model().eval()
+    ids, mask, empty_ids, empty_mask = text()
+    torch._dynamo.reset()
+    with (torch._dynamo.config.patch(recompile_limit=64),
+          torch._inductor.config.patch(max_autotune_gemm_backends="ATEN")):
+        assert torch.equal(*eager_and_compiled(tiny_model(image_grid=3).eval(), 2,
+                                               mode="max-autotune"))
+        monkeypatch.setattr(sampling, "_weights_version", lambda model: 0)
+        assert torch.equal(*eager_and_compiled(model, 1, mode="max-autotune"))
+        flip_head(model)
+        seeds = [row_seed(3, 0)]
+        stale = sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, seeds,
+                              SamplingConfig(guidance=3.0, top_k=8, compile=True,
+                                             compile_mode="max-autotune"))
+        fresh = sample_tokens(model, ids[:1], mask[:1], empty_ids, empty_mask, seeds,
+                              SamplingConfig(guidance=3.0, top_k=8))
+        assert not torch.equal(stale, fresh)
 
 
 def test_max_autotune_needs_weights_with_version_counters():

@@ -158,15 +158,29 @@ def test_sample_py_generates_and_scores(shapes_dir, token_dir, tiny_tokenizer, t
      "config error: compile_mode: 'reduce-overhead' must be one of default, max-autotune"),
     (["ckpt=/nowhere"], "/nowhere does not exist"),
 ])
-def test_sample_py_names_each_bad_input(args, message, tmp_path):
+def test_sample_py_names_each_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    # the command as `python sample.py` runs it, in this process (a process each: ~10 s of imports)
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent.parent / "sample.py")
+    monkeypatch.setattr(sys, "argv", [script, *args, f"out={tmp_path}"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(script, run_name="__main__")
+    assert exited.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_sample_py_exits_non_zero_naming_a_bad_input(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "sample.py", *args, f"out={tmp_path}"], cwd=root,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "sample.py", "ckpt=/nowhere", f"out={tmp_path}"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "/nowhere does not exist" in done.stderr, done.stderr[-2000:]
 
 
 def test_a_tokenizer_is_not_a_stage2_checkpoint(tiny_tokenizer):

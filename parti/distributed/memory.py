@@ -47,12 +47,19 @@ def model_config(name: str) -> PartiConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PartiConfig), node))
 
 
+_COUNTED: dict[str, tuple[int, int]] = {}
+
+
 def counts(cfg: PartiConfig) -> tuple[int, int]:
-    """(all parameters, parameters of the largest block), counted on the meta device."""
-    with torch.device("meta"):
-        model = Parti(cfg)
-    block = max(sum(p.numel() for p in b.parameters()) for b in model.decoder)
-    return sum(p.numel() for p in model.parameters()), block
+    """(all parameters, parameters of the largest block), counted on the meta device; kept per
+    config, since building the model takes seconds and the table asks dozens of times a size."""
+    key = repr(cfg)
+    if key not in _COUNTED:
+        with torch.device("meta"):
+            model = Parti(cfg)
+        block = max(sum(p.numel() for p in b.parameters()) for b in model.decoder)
+        _COUNTED[key] = sum(p.numel() for p in model.parameters()), block
+    return _COUNTED[key]
 
 
 def activations(cfg: PartiConfig, micro_batch: int, checkpointing: bool) -> float:

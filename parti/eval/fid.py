@@ -14,6 +14,7 @@ and smoke runs (its scores only compare runs scored with the same file; they are
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,6 @@ def _missing_weights_message(weights_path: str | Path | None, key: str) -> str:
     )
 
 
-@torch.no_grad()
 def fid(
     real: Tensor,
     fake: Tensor,
@@ -47,27 +47,55 @@ def fid(
     `feature` picks the Inception layer (64, 192, 768 or 2048); 2048 is the standard FID. `key` is
     the config key that names the weights, for the error message.
     """
+    return fid_against(real, weights_path, device, batch_size, feature, key)(fake)
+
+
+def fid_against(
+    real: Tensor,
+    weights_path: str | Path,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    feature: int = 2048,
+    key: str = "eval.fid_weights",
+) -> Callable[[Tensor], float]:
+    """fake images -> FID against `real` (arguments as `fid`): the real set's Inception features
+    are computed once, for scoring many fake sets (each row of `parti.eval.generation`)."""
     if not weights_path or not Path(weights_path).is_file():
         raise FileNotFoundError(_missing_weights_message(weights_path, key))
-    for name, images in (("real", real), ("fake", fake)):
-        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(
-                f"fid: {name} must be float images (N, 3, H, W) in [-1, 1], got "
-                f"{images.dtype} {tuple(images.shape)}"
-            )
+    _check_images("real", real)
     metric = FrechetInceptionDistance(
         feature=feature,
         feature_extractor_weights_path=str(weights_path),
+        reset_real_features=False,  # reset() clears only the fake set's statistics
         sync_on_compute=False,  # a plain local computation, also under torch.distributed
     ).to(device)
-    for images, is_real in ((real, True), (fake, False)):
+
+    def update(images: Tensor, is_real: bool) -> None:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device, torch.float32)
             # uint8 as Inception-v3 FID expects, rounded like `parti.data.transforms.to_uint8`
             # (torchmetrics' normalize=True truncates, turning some exact pixel values 1 lower).
             pixels = ((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             metric.update(pixels, real=is_real)
-    return float(metric.compute())
+
+    @torch.no_grad()
+    def score(fake: Tensor) -> float:
+        _check_images("fake", fake)
+        metric.reset()
+        update(fake, is_real=False)
+        return float(metric.compute())
+
+    with torch.no_grad():
+        update(real, is_real=True)
+    return score
+
+
+def _check_images(name: str, images: Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"fid: {name} must be float images (N, 3, H, W) in [-1, 1], got "
+            f"{images.dtype} {tuple(images.shape)}"
+        )
 
 
 class _UnloadedInceptionV3(FeatureExtractorInceptionV3):

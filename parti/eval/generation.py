@@ -194,9 +194,9 @@ def _fid_function(weights: str, real: Tensor, device: torch.device
     """images -> FID against `real`, or -> None when no weights file is configured."""
     if not weights:
         return lambda images: None
-    from parti.eval.fid import fid
+    from parti.eval.fid import fid_against
 
-    return lambda images: fid(real, images, weights, device=device, key="fid_weights")
+    return fid_against(real, weights, device=device, key="fid_weights")
 
 
 def sampled_judge_metrics(

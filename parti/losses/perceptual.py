@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lpips
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import lpips
 
 BACKBONES = ("random", "alex", "vgg")
 # Seed of the "random" backbone: the same network on every rank and in every run.
@@ -87,6 +90,8 @@ def build_perceptual(backbone: str, weights_path: str | None) -> Perceptual:
                 f"perceptual_weights={weights_path!r} does not exist. "
                 + _missing_weights_message(backbone)
             )
+    import lpips  # here, not at import: with torchvision it adds ~2 s to every process's start
+
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # lpips passes torchvision's deprecated `pretrained=False`; harmless, and not ours to fix.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")

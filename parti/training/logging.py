@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from parti.eval.grid import labelled_grid
@@ -70,6 +69,8 @@ class RunLogger:
     def images(self, tag: str, images: torch.Tensor, step: int, nrow: int = 8) -> None:
         """images: (N, 3, H, W) in [-1, 1]."""
         if self.writer is not None:
+            from torchvision.utils import make_grid  # torchvision costs ~2 s to import: when used
+
             grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow,
                              normalize=True, value_range=(-1, 1))
             self.writer.add_image(tag, grid, step)
